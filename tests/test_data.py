@@ -1,0 +1,109 @@
+import pickle
+
+import numpy as np
+import pytest
+
+from training.data import (
+    ImageArrayDataset,
+    load_cifar,
+    load_dataset,
+    parse_augment,
+    stratified_split,
+    write_synthetic,
+)
+from training.errors import UserError
+
+
+def test_synthetic_is_marked_and_deterministic(tmp_path, synthetic_dir):
+    data = load_cifar(synthetic_dir, "cifar10", download=False)
+    assert data.synthetic and data.name == "synthetic-cifar10"
+    assert data.train_x.shape == (500, 32, 32, 3) and data.train_x.dtype == np.uint8
+    assert data.test_x.shape == (100, 32, 32, 3)
+    assert sorted(np.bincount(data.train_y).tolist()) == [50] * 10
+    write_synthetic(tmp_path, "cifar10", train_per_class=50, test_per_class=10, seed=0)
+    again = load_cifar(tmp_path, "cifar10", download=False)
+    np.testing.assert_array_equal(again.train_x, data.train_x)
+    np.testing.assert_array_equal(again.test_y, data.test_y)
+
+
+def test_synthetic_classes_differ_visibly(synthetic_dir):
+    data = load_cifar(synthetic_dir, "cifar10", download=False)
+    means = np.stack([data.train_x[data.train_y == k].mean(axis=(0, 1, 2)) for k in range(10)])
+    # mean colours of the classes are not all alike: the set is learnable
+    assert np.ptp(means, axis=0).max() > 20
+
+
+def test_cifar100_layout_fine_and_coarse(tmp_path):
+    write_synthetic(tmp_path, "cifar100", train_per_class=2, test_per_class=1)
+    fine = load_cifar(tmp_path, "cifar100", "fine", download=False)
+    coarse = load_cifar(tmp_path, "cifar100", "coarse", download=False)
+    assert fine.num_classes == 100 and coarse.num_classes == 20
+    assert fine.train_y.max() == 99 and coarse.train_y.max() == 19
+    assert coarse.name == "synthetic-cifar100-coarse"
+
+
+def test_missing_folder_names_folder_files_and_flag(tmp_path):
+    with pytest.raises(UserError) as e:
+        load_cifar(tmp_path / "nowhere", "cifar10", download=False)
+    msg = str(e.value)
+    assert "cifar-10-batches-py" in msg and "data_batch_1" in msg and "--data-dir" in msg
+    assert str(tmp_path / "nowhere") in msg
+
+
+def test_corrupt_batch_names_the_file(tmp_path):
+    folder = write_synthetic(tmp_path, "cifar10", train_per_class=5, test_per_class=1)
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="data_batch_3"):
+        load_cifar(tmp_path, "cifar10", download=False)
+
+
+def test_wrong_shape_batch_is_refused(tmp_path):
+    folder = write_synthetic(tmp_path, "cifar10", train_per_class=5, test_per_class=1)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((3, 100), np.uint8), "labels": [0, 1, 2]}, f)
+    with pytest.raises(UserError, match=r"test_batch.*\(N, 3072\)"):
+        load_cifar(tmp_path, "cifar10", download=False)
+
+
+def test_unknown_dataset_lists_valid_names():
+    with pytest.raises(UserError, match="cifar100"):
+        load_dataset("mnist")
+
+
+def test_dataset_folder_itself_is_accepted(synthetic_dir):
+    data = load_cifar(synthetic_dir / "cifar-10-batches-py", "cifar10", download=False)
+    assert len(data.train_y) == 500
+
+
+def test_shared_real_subset(shared_data):
+    data = load_cifar(shared_data, "cifar10", download=False)
+    assert not data.synthetic
+    assert data.train_x.shape == (5 * 813, 32, 32, 3)
+    assert data.test_x.shape == (1020, 32, 32, 3)
+    assert data.classes[:3] == ["airplane", "automobile", "bird"]
+    assert set(np.unique(data.train_y)) == set(range(10))
+
+
+def test_stratified_split_is_deterministic_disjoint_and_balanced():
+    y = np.repeat(np.arange(10), 30)
+    tr, va = stratified_split(y, 0.3, seed=1)
+    tr2, va2 = stratified_split(y, 0.3, seed=1)
+    np.testing.assert_array_equal(va, va2)
+    assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == len(y)
+    assert np.bincount(y[va]).tolist() == [9] * 10
+    with pytest.raises(UserError):
+        stratified_split(y, 1.0, seed=0)
+
+
+def test_augmentation_parsing_and_shapes(synthetic_dir):
+    assert parse_augment("none") == ()
+    assert parse_augment("crop,flip,rotate,zoom") == ("crop", "flip", "rotate", "zoom")
+    with pytest.raises(UserError, match="valid"):
+        parse_augment("crop,blur")
+    data = load_cifar(synthetic_dir, "cifar10", download=False)
+    ds = ImageArrayDataset(data.train_x[:4], data.train_y[:4], (0.5,) * 3, (0.25,) * 3, ("crop", "flip", "rotate"))
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and x.dtype.is_floating_point
+    plain = ImageArrayDataset(data.train_x[:1], data.train_y[:1], (0.5,) * 3, (0.25,) * 3)
+    expected = (data.train_x[0].transpose(2, 0, 1) / 255.0 - 0.5) / 0.25
+    np.testing.assert_allclose(plain[0][0].numpy(), expected, rtol=1e-5, atol=1e-5)

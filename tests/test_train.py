@@ -1,0 +1,144 @@
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from training import compare
+from training.errors import UserError
+from training.train import TrainConfig, Trainer, main
+
+
+def cfg_for(tmp_path, synthetic_dir, **kw) -> TrainConfig:
+    base = TrainConfig(model="efficientnet_lite0", weights="imagenet", strategy="frozen", input_size=64,
+                       dataset="cifar10", data_dir=str(synthetic_dir), download=False, epochs=2, batch_size=32,
+                       lr=1e-2, runs_dir=str(tmp_path / "runs"), name="t", threads=2)
+    return replace(base, **kw)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, synthetic_dir):
+    tmp = tmp_path_factory.mktemp("run")
+    metrics = Trainer(cfg_for(tmp, synthetic_dir)).run()
+    return tmp / "runs" / "t", metrics
+
+
+def test_two_epoch_run_learns_and_writes_every_output(finished_run):
+    run_dir, m = finished_run
+    assert m["test_accuracy"] > 0.5  # chance is 0.1
+    assert m["synthetic"] is True and m["dataset"] == "synthetic-cifar10"
+    assert m["feature_cache"] is True and m["weights"].startswith("imagenet")
+    for f in ("best.pt", "last.pt", "metrics.json", "model.json", "curves.png", "confusion.png", "samples.png"):
+        assert (run_dir / f).stat().st_size > 0, f
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("history", "test_macro_precision", "test_macro_recall", "test_macro_f1", "per_class_accuracy",
+                "confusion_matrix", "train_seconds", "device", "params_total", "params_trainable", "flops"):
+        assert key in saved, key
+    assert len(saved["history"]) == 2
+    assert {"train_loss", "val_loss", "train_acc", "val_acc", "lr", "seconds"} <= set(saved["history"][0])
+    assert saved["params_trainable"] == 1280 * 10 + 10 < saved["params_total"]
+    assert sum(map(sum, saved["confusion_matrix"])) == saved["num_test"]
+    mj = json.loads((run_dir / "model.json").read_text())
+    pre = mj["preprocessing"]
+    assert pre["input_size"] == 64 and pre["image_size"] == 32
+    assert pre["classes"] == mj["classes"] and len(pre["mean"]) == 3
+    assert mj["synthetic"] is True and mj["checkpoint"] == "best.pt"
+
+
+def test_rerun_without_resume_refuses_to_overwrite(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    cfg = TrainConfig(runs_dir=str(run_dir.parent), name="t")
+    with pytest.raises(UserError, match="--resume"):
+        Trainer(cfg).run()
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, synthetic_dir, monkeypatch):
+    cfg = cfg_for(tmp_path, synthetic_dir, epochs=3, name="straight")
+    straight = Trainer(cfg).run()
+
+    calls = {"n": 0}
+    original = Trainer._train_epoch
+
+    def interrupted(self, epoch, gen):
+        calls["n"] += 1
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch, gen)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(replace(cfg, name="resumed")).run()
+    monkeypatch.setattr(Trainer, "_train_epoch", original)
+    resumed = Trainer(replace(cfg, name="resumed", resume=True)).run()
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    for a, b in zip(straight["history"], resumed["history"], strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+    assert resumed["test_accuracy"] == pytest.approx(straight["test_accuracy"])
+
+
+def test_cached_features_match_uncached_training(tmp_path, synthetic_dir):
+    cached = Trainer(cfg_for(tmp_path, synthetic_dir, name="cached", cache_features="on")).run()
+    plain = Trainer(cfg_for(tmp_path, synthetic_dir, name="plain", cache_features="off")).run()
+    assert cached["feature_cache"] and not plain["feature_cache"]
+    for a, b in zip(cached["history"], plain["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-3)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-3)
+
+
+def test_cache_refused_with_augmentation(tmp_path, synthetic_dir):
+    with pytest.raises(UserError, match="augmentation"):
+        Trainer(cfg_for(tmp_path, synthetic_dir, cache_features="on", augment="crop")).run()
+
+
+def test_last_n_with_augmentation_trains(tmp_path, synthetic_dir):
+    m = Trainer(cfg_for(tmp_path, synthetic_dir, strategy="last-5", epochs=1, augment="crop,flip", lr=1e-3,
+                        limit_train=128, limit_test=40, name="lastn")).run()
+    assert not m["feature_cache"] and m["augment"] == ["crop", "flip"]
+    assert m["params_trainable"] > 1290
+
+
+def test_two_phase_switches_phase(tmp_path, synthetic_dir):
+    m = Trainer(cfg_for(tmp_path, synthetic_dir, model="scratch_cnn", weights="none", input_size=None,
+                        strategy="two-phase", epochs=2, phase1_epochs=1, limit_train=96, name="two")).run()
+    assert [h["phase"] for h in m["history"]] == ["frozen", "full"]
+    assert m["history"][1]["lr"] == pytest.approx(m["history"][0]["lr"] * 0.1, rel=0.5)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, synthetic_dir):
+    run = tmp_path / "runs" / "t"
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"\x00" * 10)
+    with pytest.raises(UserError, match="corrupt checkpoint .*last.pt"):
+        Trainer(cfg_for(tmp_path, synthetic_dir, resume=True)).run()
+
+
+def test_cli_user_errors_exit_2_without_traceback(tmp_path, capsys):
+    assert main(["--model", "resnet51"]) == 2
+    err = capsys.readouterr().err
+    assert "efficientnet_lite0" in err and "Traceback" not in err
+    assert main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--no-download",
+                 "--runs-dir", str(tmp_path)]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    assert main(["--strategy", "half"]) == 2
+    assert "last-N" in capsys.readouterr().err
+
+
+def test_cli_list_models(capsys):
+    assert main(["--list-models"]) == 0
+    out = capsys.readouterr().out
+    assert "efficientnet_lite0" in out and "(offline)" in out and "resnet50" in out
+
+
+def test_compare_writes_table_and_chart(finished_run, tmp_path):
+    run_dir, m = finished_run
+    assert compare.main([str(run_dir), str(tmp_path / "missing"), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp.md").read_text()
+    assert "SYNTHETIC" in md and f"{m['test_accuracy']:.4f}" in md
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+    assert compare.main([str(tmp_path / "missing")]) == 2
+
+
+def test_device_auto_is_cpu_here():
+    from training.train import pick_device
+
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

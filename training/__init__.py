@@ -1,0 +1,1 @@
+"""Training stage: CIFAR data, a backbone registry, transfer strategies, metrics and reports."""

@@ -1,0 +1,109 @@
+"""Compare runs as the seeds do: ``python -m training.compare runs/* [--out comparison]``.
+
+Writes ``<out>.md`` (training time; last-epoch train/val accuracy and loss; test accuracy, macro
+recall and F1) and ``<out>.png`` (test accuracy and training time per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from training.errors import UserError
+from training.report import plt, save_figure
+
+
+def load_runs(paths: list[str]) -> list[dict]:
+    runs = []
+    for p in paths:
+        path = Path(p)
+        f = path / "metrics.json" if path.is_dir() else path
+        if not f.is_file():
+            print(f"skipping {p}: no metrics.json (unfinished run?)", file=sys.stderr)
+            continue
+        try:
+            m = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"corrupt metrics file {f}: {e}") from e
+        m.setdefault("run", path.name)
+        runs.append(m)
+    if not runs:
+        raise UserError("no finished runs (folders with metrics.json) among the paths given")
+    return runs
+
+
+def comparison_rows(runs: list[dict]) -> list[dict]:
+    rows = []
+    for m in runs:
+        last = m["history"][-1] if m.get("history") else {}
+        rows.append({
+            "run": m["run"], "model": m["model"], "weights": m["weights"], "strategy": m["strategy"],
+            "input_size": m["input_size"], "dataset": m["dataset"], "train_seconds": m["train_seconds"],
+            "train_accuracy": last.get("train_acc"), "train_loss": last.get("train_loss"),
+            "val_accuracy": last.get("val_acc"), "val_loss": last.get("val_loss"),
+            "test_accuracy": m["test_accuracy"], "macro_recall": m["test_macro_recall"],
+            "macro_f1": m["test_macro_f1"], "params_total": m["params_total"],
+        })
+    return rows
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def to_markdown(rows: list[dict]) -> str:
+    synthetic = any(r["dataset"].startswith("synthetic") for r in rows)
+    out = ["# Run comparison", ""]
+    if synthetic:
+        out += ["**Some runs used SYNTHETIC data: their accuracy says nothing about CIFAR.**", ""]
+    out += ["| run | model | weights | strategy | px | dataset | train time s | train acc | train loss | "
+            "val acc | val loss | test acc | macro recall | macro F1 |",
+            "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append("| " + " | ".join([
+            r["run"], r["model"], r["weights"], r["strategy"], str(r["input_size"]), r["dataset"],
+            f"{r['train_seconds']:.1f}", *(_fmt(r[k]) for k in ("train_accuracy", "train_loss", "val_accuracy",
+                                                                  "val_loss", "test_accuracy", "macro_recall",
+                                                                  "macro_f1"))]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def bar_chart(rows: list[dict], path: Path, label: str = "run") -> None:
+    """Test accuracy and training time side by side, one bar per run."""
+    names = [str(r[label]) for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) * 2), 4))
+    ax1.bar(names, [r["test_accuracy"] for r in rows], color="tab:blue")
+    ax1.set(ylabel="test accuracy", ylim=(0, 1), title="test accuracy")
+    ax2.bar(names, [r["train_seconds"] for r in rows], color="tab:orange")
+    ax2.set(ylabel="seconds", title="training time")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=30)
+        for lbl in ax.get_xticklabels():
+            lbl.set_ha("right")
+        ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, Path(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders (or metrics.json files)")
+    p.add_argument("--out", default="comparison", help="output path without extension")
+    args = p.parse_args(argv)
+    try:
+        rows = comparison_rows(load_runs(args.runs))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(to_markdown(rows))
+    bar_chart(rows, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
