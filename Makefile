@@ -17,7 +17,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m training.train --model efficientnet_lite0 --dataset cifar10 --data-dir $(DATA_DIR) \
-		--strategy frozen --epochs 15 --name demo-efficientnet_lite0 --resume
+		--strategy frozen --epochs 15 --name demo-efficientnet_lite0 --resume --synthetic-fallback
 
 test: $(STAMP)
 	$(BIN)/ruff check .

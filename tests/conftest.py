@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Keep the BentoML model store of test runs out of the user's ~/bentoml (read when bentoml is imported).
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="cifar-deploy-bentoml-")
 
-from training.data import write_synthetic
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from training.data import write_synthetic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -28,3 +33,16 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "cifar-10-batches-py" / "batches.meta").exists():
         pytest.skip(f"real CIFAR-10 subset not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, synthetic_dir) -> Path:
+    """A finished 1-epoch scratch_cnn run on the synthetic set (seconds to train and export)."""
+    from training.train import TrainConfig, Trainer
+
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(model="scratch_cnn", weights="none", strategy="full", dataset="cifar10",
+                      data_dir=str(synthetic_dir), download=False, epochs=2, batch_size=32, lr=3e-3,
+                      runs_dir=str(runs), name="tiny", threads=2)
+    Trainer(cfg).run()
+    return runs / "tiny"

@@ -142,3 +142,13 @@ def test_device_auto_is_cpu_here():
     from training.train import pick_device
 
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_synthetic_fallback_is_loud(tmp_path, capsys):
+    cfg = TrainConfig(model="scratch_cnn", weights="none", strategy="full", dataset="cifar10",
+                      data_dir=str(tmp_path / "empty"), download=False, synthetic_fallback=True, epochs=1,
+                      limit_train=64, limit_test=20, runs_dir=str(tmp_path / "runs"), name="fb")
+    m = Trainer(cfg).run()
+    err = capsys.readouterr().err
+    assert "--synthetic-fallback" in err and "SYNTHETIC" in err
+    assert m["synthetic"] and m["dataset"] == "synthetic-cifar10"

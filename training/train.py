@@ -80,6 +80,7 @@ class TrainConfig:
     runs_dir: str = "runs"
     resume: bool = False
     download: bool = True
+    synthetic_fallback: bool = False
 
     def validate(self) -> None:
         get_spec(self.model)
@@ -208,7 +209,14 @@ class Trainer:
 
     # -- setup
     def _load_data(self) -> CifarData:
-        data = load_dataset(self.cfg.dataset, self.cfg.data_dir, download=self.cfg.download)
+        try:
+            data = load_dataset(self.cfg.dataset, self.cfg.data_dir, download=self.cfg.download)
+        except UserError as e:
+            if not self.cfg.synthetic_fallback or self.cfg.dataset.startswith("synthetic-"):
+                raise
+            print(f"WARNING: {e}\nWARNING: --synthetic-fallback: using synthetic-{self.cfg.dataset} instead.",
+                  file=sys.stderr)
+            data = load_dataset(f"synthetic-{self.cfg.dataset}", self.cfg.data_dir)
         if self.cfg.limit_train:
             data.train_x, data.train_y = data.train_x[: self.cfg.limit_train], data.train_y[: self.cfg.limit_train]
         if self.cfg.limit_test:
@@ -540,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default=d.runs_dir)
     p.add_argument("--resume", action="store_true", help="continue the run in runs/<name>/ (no-op when finished)")
     p.add_argument("--no-download", dest="download", action="store_false")
+    p.add_argument("--synthetic-fallback", action="store_true",
+                   help="when the dataset can be neither found nor downloaded, train on the synthetic stand-in "
+                        "(loudly labelled) instead of failing")
     return p
 
 

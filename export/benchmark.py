@@ -1,0 +1,254 @@
+"""Per-model format benchmark: ``python -m export.benchmark artifacts/RUN [...] --out benchmarks/export``.
+
+One row per (model, format, batch): file size, accuracy and its delta vs PyTorch (from the
+manifest, measured on the same test images at export), latency p50/p95 per batch, throughput, the
+provider that really ran it and the device. Warm-up first, then timed iterations; every format of a
+model is measured side by side in one process. Results merge into ``<out>.json`` by model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from export.tensorrt_engine import unavailable_reason
+from service.runtime import ArtifactError, manifest_entry_json, open_artifact
+from training.errors import UserError
+
+FORMAT_LABELS = {"pytorch": "PyTorch eager FP32", "fp32": "ONNX Runtime FP32", "fp16": "ONNX Runtime FP16",
+                 "int8": "ONNX Runtime INT8 (CPU Q/DQ)", "int8_trt": "ONNX Runtime INT8 (TensorRT Q/DQ)",
+                 "trt_fp16": "TensorRT FP16", "trt_int8": "TensorRT INT8"}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def time_fn(fn: Callable[[np.ndarray], object], x: np.ndarray, warmup: int, iters: int,
+            min_seconds: float) -> list[float]:
+    """Latencies in ms of ``fn(x)`` after ``warmup`` calls: at least ``iters`` calls and ``min_seconds``."""
+    for _ in range(warmup):
+        fn(x)
+    lat: list[float] = []
+    start = time.perf_counter()
+    while len(lat) < iters or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn(x)
+        lat.append((time.perf_counter() - t0) * 1e3)
+        if len(lat) >= 10 * iters:
+            break
+    return lat
+
+
+def summarize(lat: list[float], batch: int) -> dict:
+    a = np.asarray(lat)
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+            "throughput_ips": float(batch * len(a) / (a.sum() / 1e3)), "iterations": len(a)}
+
+
+def _runners(artifact_dir: Path, manifest: dict, formats: list[str], threads: int, providers: list[str]):
+    """Yield (format, provider, device, fn) for every measurable format."""
+    import torch
+
+    if "pytorch" in formats:
+        from export.onnx_export import load_run
+
+        try:
+            model, *_ = load_run(manifest["source_run"])
+        except UserError as e:
+            print(f"skipping PyTorch rows: {e}", file=sys.stderr)
+        else:
+            torch.set_num_threads(threads)
+
+            def eager(x, model=model):
+                with torch.inference_mode():
+                    return model(torch.from_numpy(x)).numpy()
+
+            yield "pytorch", "torch CPU", cpu_name(), eager
+            if torch.cuda.is_available():
+                gpu_model = model.cuda()
+
+                def eager_cuda(x, m=gpu_model):
+                    with torch.inference_mode():
+                        return m(torch.from_numpy(x).cuda()).cpu().numpy()
+
+                yield "pytorch", "torch CUDA", torch.cuda.get_device_name(), eager_cuda
+    for fmt in ("fp32", "fp16", "int8", "int8_trt"):
+        if fmt not in formats or "sha256" not in manifest["artifacts"].get(fmt, {}):
+            continue
+        for prov in providers:
+            try:
+                m, _ = open_artifact(artifact_dir, fmt, [prov], threads=threads, require=True)
+            except ArtifactError as e:
+                print(f"skipping {fmt} on {prov}: {e}", file=sys.stderr)
+                continue
+            device = cpu_name() if m.provider == "CPUExecutionProvider" else torch.cuda.get_device_name()
+            yield fmt, m.provider, device, m
+    for fmt in ("trt_fp16", "trt_int8"):
+        e = manifest["artifacts"].get(fmt, {})
+        if fmt in formats and "sha256" in e and unavailable_reason() is None:
+            from export.tensorrt_engine import TrtRunner
+
+            yield fmt, "TensorRT", torch.cuda.get_device_name(), TrtRunner(artifact_dir / e["file"])
+
+
+def benchmark_model(artifact_dir: Path, batches: list[int], warmup: int, iters: int, min_seconds: float,
+                    threads: int, formats: list[str], providers: list[str]) -> list[dict]:
+    from export.onnx_export import load_run  # noqa: F401  (fail early if training is broken)
+    from service.preprocessing import Preprocessing
+    from training.data import load_dataset
+
+    manifest = manifest_entry_json(artifact_dir / "manifest.json")
+    pre = Preprocessing.from_dict(manifest["preprocessing"])
+    pretrained = not str(manifest.get("weights", "")).startswith("none")
+    try:
+        data = load_dataset(manifest["dataset"], json.loads((Path(manifest["source_run"]) / "metrics.json")
+                                                            .read_text())["config"]["data_dir"], download=False)
+        images = data.test_x
+    except Exception:  # timing does not need real images
+        images = np.random.default_rng(0).integers(0, 256, (max(batches), 32, 32, 3), dtype=np.uint8)
+    x_all = pre.to_input(np.resize(images, (max(batches), *images.shape[1:])))
+    ref_acc = manifest["pytorch"]["accuracy"]
+    rows = []
+    for fmt, provider, device, fn in _runners(artifact_dir, manifest, formats, threads, providers):
+        e = manifest["artifacts"].get(fmt, {})
+        size = e.get("size_bytes") if fmt != "pytorch" else _state_dict_bytes(manifest)
+        acc = ref_acc if fmt == "pytorch" else e.get("accuracy")
+        for b in batches:
+            s = summarize(time_fn(fn, x_all[:b], warmup, iters, min_seconds), b)
+            rows.append({
+                "model": manifest["backbone"], "run": manifest["run"], "format": fmt,
+                "format_label": FORMAT_LABELS[fmt], "precision": "fp32" if fmt == "pytorch" else e["precision"],
+                "batch": b, "size_mb": round(size / 2**20, 2) if size else None,
+                "accuracy": acc if pretrained else None,
+                "accuracy_delta": (acc - ref_acc) if pretrained and acc is not None else None,
+                "weights": manifest.get("weights"), "dataset": manifest["dataset"],
+                "input_size": pre.input_size, **{k: round(v, 3) for k, v in s.items() if k != "iterations"},
+                "iterations": s["iterations"], "provider": provider, "device": device,
+            })
+            print(f"{manifest['backbone']:18} {FORMAT_LABELS[fmt]:34} b={b:<3} p50 {s['p50_ms']:8.2f} ms  "
+                  f"{s['throughput_ips']:8.1f} img/s  [{provider}]", flush=True)
+    return rows
+
+
+def _state_dict_bytes(manifest: dict) -> int | None:
+    p = Path(manifest["source_run"]) / "best.pt"
+    return p.stat().st_size if p.exists() else None
+
+
+def to_markdown(rows: list[dict]) -> str:
+    out = ["# Export benchmark", "",
+           "Produced by `python -m export.benchmark`. Latency is per batch; throughput in images/s. "
+           "Accuracy is measured at export on the run's test images through the serving preprocessing; "
+           "models exported from random init are timed only (accuracy –).", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model]
+        r0 = rs[0]
+        out += [f"## {model}", "",
+                f"Weights: {r0['weights']}; dataset: {r0['dataset']}; input {r0['input_size']} px "
+                f"(32 px images upsampled in-graph); device: {r0['device']}.", "",
+                "| format | batch | size MB | accuracy | Δ vs PyTorch | p50 ms | p95 ms | img/s | provider |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rs:
+            acc = "–" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+            delta = "–" if r["accuracy_delta"] is None else f"{100 * r['accuracy_delta']:+.2f} pts"
+            out.append(f"| {r['format_label']} | {r['batch']} | {r['size_mb']} | {acc} | {delta} | "
+                       f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['throughput_ips']:.1f} | {r['provider']} |")
+        out += ["", *ratio_lines(rs), ""]
+    out += ["![accuracy vs latency](export.png)", ""]
+    return "\n".join(out)
+
+
+def ratio_lines(rs: list[dict]) -> list[str]:
+    """Throughput ratios at the largest batch, CPU rows: INT8/FP32 ORT and ORT FP32/PyTorch."""
+    cpu = [r for r in rs if r["provider"] in ("CPUExecutionProvider", "torch CPU")]
+    if not cpu:
+        return []
+    b = max(r["batch"] for r in cpu)
+    tp = {r["format"]: r["throughput_ips"] for r in cpu if r["batch"] == b}
+    lines = []
+    if "fp32" in tp and "int8" in tp:
+        lines.append(f"- INT8 (CPU Q/DQ) ÷ FP32 ONNX Runtime throughput at batch {b}: "
+                     f"**{tp['int8'] / tp['fp32']:.2f}×**")
+    if "fp32" in tp and "int8_trt" in tp:
+        lines.append(f"- INT8 (TensorRT Q/DQ, symmetric) ÷ FP32 ONNX Runtime on CPU at batch {b}: "
+                     f"{tp['int8_trt'] / tp['fp32']:.2f}×")
+    if "fp32" in tp and "pytorch" in tp:
+        lines.append(f"- ONNX Runtime FP32 ÷ PyTorch eager throughput at batch {b}: "
+                     f"**{tp['fp32'] / tp['pytorch']:.2f}×**")
+    return lines
+
+
+def plot_pareto(rows: list[dict], path: Path, batch: int) -> None:
+    from training.report import plt, save_figure
+
+    pts = [r for r in rows if r["accuracy"] is not None and r["batch"] == batch]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in pts:
+        ax.scatter(r["p50_ms"] / batch, 100 * r["accuracy"], s=40)
+        ax.annotate(f"{r['model']}\n{r['format_label']}", (r["p50_ms"] / batch, 100 * r["accuracy"]),
+                    fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set(xscale="log", xlabel=f"latency per image at batch {batch} (ms, log scale)", ylabel="test accuracy (%)",
+           title="accuracy vs latency (up and left is better)")
+    ax.grid(alpha=0.3, which="both")
+    if not pts:
+        ax.text(0.5, 0.5, "no pretrained rows", ha="center", transform=ax.transAxes)
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifacts", nargs="+", help="export folders (with manifest.json)")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--min-seconds", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--formats", nargs="+", default=list(FORMAT_LABELS), choices=list(FORMAT_LABELS))
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="ONNX Runtime providers to measure (default: cpu, plus cuda when available)")
+    p.add_argument("--out", default="benchmarks/export", help="output path without extension (.json/.md/.png)")
+    args = p.parse_args(argv)
+    import onnxruntime as ort
+
+    providers = args.providers or ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers()
+                                             else [])
+    out = Path(args.out)
+    try:
+        rows: list[dict] = []
+        for a in args.artifacts:
+            rows += benchmark_model(Path(a), args.batches, args.warmup, args.iters, args.min_seconds, args.threads,
+                                    args.formats, providers)
+    except (ArtifactError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
+    measured = {r["model"] for r in rows}
+    rows = [r for r in old if r["model"] not in measured] + rows
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, out.with_suffix(".json"))
+    out.with_suffix(".md").write_text(to_markdown(rows))
+    plot_pareto(rows, out.with_suffix(".png"), batch=max(args.batches))
+    print(f"wrote {out}.json, {out}.md, {out}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

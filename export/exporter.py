@@ -1,0 +1,300 @@
+"""The export pipeline: a run folder → ONNX FP32/FP16/INT8 (+ TensorRT engines) + ``manifest.json``.
+
+Every artifact is evaluated on real test images through the serving preprocessing; FP32 must match
+PyTorch (max |Δlogit| ≤ 1e-4, top-1 agreement ≥ 99.9%) or the export fails. Artifacts whose inputs
+have not changed are skipped on a re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from export import quantize
+from export import tensorrt_engine as trt_engine
+from export.onnx_export import ExportError, artifact_metadata, export_onnx, load_run, opset_of
+from service.preprocessing import Preprocessing
+from service.runtime import load_ort_model, sha256_file
+from training.data import CifarData, load_dataset
+from training.errors import UserError
+from training.train import atomic_write_json
+
+MANIFEST_FORMAT = "cifar-deploy/manifest@1"
+MAX_ABS_DIFF = 1e-4
+MIN_AGREEMENT = 0.999
+
+# format key → (file name, precision, kind)
+ARTIFACTS = {
+    "fp32": ("model.onnx", "fp32", "onnx"),
+    "fp16": ("model.fp16.onnx", "fp16", "onnx"),
+    "int8": ("model.int8.onnx", "int8", "onnx"),
+    "int8_trt": ("model.int8.trt.onnx", "int8", "onnx"),
+    "trt_fp16": ("model.fp16.plan", "fp16", "tensorrt"),
+    "trt_int8": ("model.int8.plan", "int8", "tensorrt"),
+}
+
+
+@dataclass
+class ExportConfig:
+    run_dir: str
+    out_dir: str | None = None
+    data_dir: str | None = None
+    formats: list[str] = field(default_factory=lambda: list(ARTIFACTS))
+    opset: int = 18
+    calib_images: int = 512
+    calib_method: str = "minmax"
+    keep_float: list[str] = field(default_factory=list)
+    eval_limit: int | None = None
+    min_batch: int = 1
+    opt_batch: int = 32
+    max_batch: int = 128
+    workspace_mb: int = 1024
+    bentoml: bool = True
+    force: bool = False
+    threads: int | None = None
+
+    def output_dir(self) -> Path:
+        return Path(self.out_dir) if self.out_dir else Path("artifacts") / Path(self.run_dir).resolve().name
+
+
+def tool_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+         "onnxruntime": onnxruntime.__version__}
+    try:
+        import bentoml
+
+        v["bentoml"] = bentoml.__version__
+    except ImportError:
+        pass
+    if trt_engine.unavailable_reason() is None:
+        import tensorrt
+
+        v["tensorrt"] = tensorrt.__version__
+    return v
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def batched(fn, x: np.ndarray, batch: int = 64, desc: str | None = None) -> np.ndarray:
+    outs = [fn(x[i:i + batch]) for i in tqdm(range(0, len(x), batch), desc=desc, leave=False, disable=None)]
+    return np.concatenate(outs)
+
+
+def _eval_data(cfg: ExportConfig, mj: dict, metrics: dict) -> CifarData:
+    data_dir = cfg.data_dir or metrics.get("config", {}).get("data_dir")
+    data = load_dataset(mj.get("dataset", "cifar10"), data_dir, download=False)
+    if cfg.eval_limit:
+        data.test_x, data.test_y = data.test_x[: cfg.eval_limit], data.test_y[: cfg.eval_limit]
+    return data
+
+
+def _scores(logits: np.ndarray, labels: np.ndarray, ref_pred: np.ndarray, ref_acc: float) -> dict:
+    pred = logits.argmax(1)
+    acc = float((pred == labels).mean())
+    return {"accuracy": acc, "accuracy_delta": acc - ref_acc, "top1_agreement": float((pred == ref_pred).mean())}
+
+
+def run_export(cfg: ExportConfig) -> dict:
+    """Export every requested format; returns the manifest (also written to ``manifest.json``)."""
+    bad = [f for f in cfg.formats if f not in ARTIFACTS]
+    if bad:
+        raise UserError(f"unknown format {bad[0]!r}; valid: {', '.join(ARTIFACTS)}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.run_dir)
+    model, mj, pre, ckpt_path = load_run(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    out = cfg.output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    old = {}
+    if manifest_path.is_file() and not cfg.force:
+        try:
+            old = json.loads(manifest_path.read_text()).get("artifacts", {})
+        except json.JSONDecodeError:
+            print(f"WARNING: {manifest_path} is corrupt; re-exporting everything", file=sys.stderr)
+    ckpt_sha = sha256_file(ckpt_path)
+    data = _eval_data(cfg, mj, metrics)
+    x_test = pre.to_input(data.test_x)
+    y_test = data.test_y
+
+    print(f"PyTorch reference on {len(y_test)} test images ({data.name})")
+    with torch.no_grad():
+        ref_logits = batched(lambda b: model(torch.from_numpy(b)).numpy(), x_test, desc="pytorch")
+    ref_pred = ref_logits.argmax(1)
+    ref_acc = float((ref_pred == y_test).mean())
+    manifest = {
+        "format": MANIFEST_FORMAT, "run": mj.get("run", run_dir.name), "source_run": str(run_dir.resolve()),
+        "checkpoint_sha256": ckpt_sha, "backbone": mj["backbone"], "head": mj["head"],
+        "weights": mj.get("weights"), "dataset": data.name, "synthetic": data.synthetic,
+        "preprocessing": pre.to_dict(), "eval_images": int(len(y_test)),
+        "pytorch": {"accuracy": ref_acc}, "tools": tool_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "artifacts": {},
+    }
+    arts = manifest["artifacts"]
+
+    def up_to_date(fmt: str, key: str) -> bool:
+        e = old.get(fmt)
+        path = out / ARTIFACTS[fmt][0]
+        if e and e.get("key") == key and path.is_file() and e.get("sha256") == sha256_file(path):
+            print(f"{ARTIFACTS[fmt][0]}: up to date")
+            arts[fmt] = e
+            return True
+        return False
+
+    def record(fmt: str, key: str, scores: dict | None, **extra) -> None:
+        name, precision, kind = ARTIFACTS[fmt]
+        path = out / name
+        entry = {"file": name, "format": kind, "precision": precision, "key": key,
+                 "sha256": sha256_file(path), "size_bytes": path.stat().st_size, **(scores or {}), **extra}
+        if kind == "onnx":
+            entry["opset"] = opset_of(path)
+        arts[fmt] = entry
+        if scores:
+            print(f"{name}: accuracy {scores['accuracy']:.4f} (Δ {100 * scores['accuracy_delta']:+.2f} pts), "
+                  f"top-1 agreement {scores['top1_agreement']:.4f}")
+
+    def evaluate(fmt: str):
+        m = load_ort_model(out / ARTIFACTS[fmt][0], threads=cfg.threads)
+        logits = batched(m, x_test, desc=fmt)
+        return logits, _scores(logits, y_test, ref_pred, ref_acc)
+
+    # FP32 is the base of everything else: always (re)check it
+    key32 = _key(ckpt_sha, cfg.opset, "fp32")
+    if not up_to_date("fp32", key32):
+        print("exporting model.onnx (FP32, dynamic batch)")
+        export_onnx(model, out / "model.onnx", artifact_metadata(pre, mj, "fp32", run_dir), opset=cfg.opset)
+        logits, scores = evaluate("fp32")
+        max_diff = float(np.abs(logits - ref_logits).max())
+        if max_diff > MAX_ABS_DIFF or scores["top1_agreement"] < MIN_AGREEMENT:
+            (out / "model.onnx").unlink()
+            raise ExportError(f"FP32 ONNX parity failed: max |Δlogit| {max_diff:.2e} (limit {MAX_ABS_DIFF:.0e}), "
+                              f"top-1 agreement {scores['top1_agreement']:.4f} (limit {MIN_AGREEMENT})")
+        record("fp32", key32, scores, max_abs_logit_diff=max_diff)
+    meta = artifact_metadata(pre, mj, "fp32", run_dir)
+
+    if "fp16" in cfg.formats:
+        key = _key(ckpt_sha, cfg.opset, "fp16")
+        if not up_to_date("fp16", key):
+            print("exporting model.fp16.onnx (FP16 compute, FP32 inputs and outputs)")
+            export_onnx(model, out / "model.fp16.onnx", {**meta, "cifar_deploy.precision": "fp16"}, fp16=True,
+                        opset=cfg.opset)
+            record("fp16", key, evaluate("fp16")[1])
+
+    calib_x = None
+    keep_patterns = _keep_patterns(cfg.keep_float, mj["backbone"])
+    for fmt, flavour in (("int8", "cpu"), ("int8_trt", "trt")):
+        if fmt not in cfg.formats:
+            continue
+        key = _key(arts["fp32"]["sha256"], cfg.calib_images, cfg.calib_method, keep_patterns, flavour)
+        if up_to_date(fmt, key):
+            continue
+        if calib_x is None:
+            calib_x = _calibration_batch(cfg, data, pre)
+        keep = quantize.resolve_keep_float(out / "model.onnx", keep_patterns)
+        print(f"quantizing {ARTIFACTS[fmt][0]} ({flavour} flavour, {cfg.calib_method} calibration on "
+              f"{len(calib_x)} training images, {len(keep)} nodes kept in float)")
+        quantize.quantize_int8(out / "model.onnx", out / ARTIFACTS[fmt][0], calib_x, flavour, cfg.calib_method, keep)
+        record(fmt, key, evaluate(fmt)[1],
+               calibration={"method": cfg.calib_method, "images": int(len(calib_x)), "flavour": flavour,
+                            "keep_float_patterns": keep_patterns, "keep_float_nodes": len(keep)},
+               qdq=quantize.qdq_summary(out / ARTIFACTS[fmt][0]))
+
+    _tensorrt(cfg, out, pre, arts, x_test, y_test, ref_pred, ref_acc)
+    atomic_write_json(manifest, manifest_path)
+    if cfg.bentoml:
+        save_to_bentoml(out, manifest)
+        atomic_write_json(manifest, manifest_path)
+    print(f"artifacts and manifest in {out}")
+    return manifest
+
+
+def _keep_patterns(keep_float: list[str], backbone: str) -> list[str]:
+    """``preset`` expands to the backbone's known-sensitive nodes; other entries are regexes."""
+    out: list[str] = []
+    for p in keep_float:
+        if p == "preset":
+            out += quantize.KEEP_FLOAT_PRESETS.get(backbone, [])
+        elif p != "none":
+            out.append(p)
+    return out
+
+
+def _calibration_batch(cfg: ExportConfig, data: CifarData, pre: Preprocessing) -> np.ndarray:
+    idx = quantize.select_calibration_indices(data.train_y, cfg.calib_images, seed=0)
+    return pre.to_input(data.train_x[idx])
+
+
+def _tensorrt(cfg, out: Path, pre: Preprocessing, arts: dict, x_test, y_test, ref_pred, ref_acc) -> None:
+    wanted = [f for f in ("trt_fp16", "trt_int8") if f in cfg.formats]
+    if not wanted:
+        return
+    reason = trt_engine.unavailable_reason()
+    if reason:
+        print(reason)
+        for fmt in wanted:
+            arts[fmt] = {"file": ARTIFACTS[fmt][0], "format": "tensorrt", "skipped": reason}
+        return
+    profile = trt_engine.Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch)
+    for fmt, src in (("trt_fp16", "fp16"), ("trt_int8", "int8_trt")):
+        if fmt not in wanted or src not in arts:
+            continue
+        plan = out / ARTIFACTS[fmt][0]
+        print(f"building {plan.name} from {arts[src]['file']} (TensorRT, strongly typed)")
+        trt_engine.build_engine(out / arts[src]["file"], plan, pre.input_shape, profile, cfg.workspace_mb,
+                                out / "timing.cache")
+        runner = trt_engine.TrtRunner(plan)
+        logits = batched(runner, x_test, batch=min(64, cfg.max_batch), desc=fmt)
+        e = _scores(logits, y_test, ref_pred, ref_acc)
+        name, precision, kind = ARTIFACTS[fmt]
+        arts[fmt] = {"file": name, "format": kind, "precision": precision, "sha256": sha256_file(plan),
+                     "size_bytes": plan.stat().st_size, "profile": asdict(profile), "source": arts[src]["file"],
+                     "device": torch.cuda.get_device_name(), **e}
+
+
+def save_to_bentoml(out: Path, manifest: dict) -> None:
+    """Each ONNX artifact → a BentoML model (``<run>-<format>``), manifest entry as metadata."""
+    import bentoml
+
+    for fmt, e in manifest["artifacts"].items():
+        if "sha256" not in e:
+            continue
+        tag = bentoml_name(manifest["run"], fmt)
+        try:
+            existing = bentoml.models.get(tag)
+            if existing.info.metadata.get("sha256") == e["sha256"]:
+                e["bentoml_tag"] = str(existing.tag)
+                continue
+        except bentoml.exceptions.NotFound:
+            pass
+        with bentoml.models.create(tag, labels={"backbone": manifest["backbone"], "format": fmt,
+                                                "precision": e["precision"]},
+                                   metadata={**{k: v for k, v in e.items() if isinstance(v, str | int | float)},
+                                             "preprocessing": json.dumps(manifest["preprocessing"]),
+                                             "run": manifest["run"], "dataset": manifest["dataset"]}) as bm:
+            (Path(bm.path) / e["file"]).write_bytes((out / e["file"]).read_bytes())
+            (Path(bm.path) / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        e["bentoml_tag"] = str(bm.tag)
+        print(f"saved {e['file']} to the BentoML model store as {bm.tag}")
+
+
+def bentoml_name(run: str, fmt: str) -> str:
+    """A valid BentoML model name for a run's artifact (lowercase letters, digits, ``-_.``)."""
+    import re
+
+    return re.sub(r"[^a-z0-9_.-]+", "-", f"{run}-{fmt}".lower()).strip("-_.")

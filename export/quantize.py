@@ -1,0 +1,151 @@
+"""INT8 in Q/DQ form with ONNX Runtime's static quantizer, in two flavours.
+
+- ``cpu`` (``model.int8.onnx``): unsigned 8-bit activations with zero points, signed per-channel
+  symmetric weights: the layout ONNX Runtime's CPU kernels are fast with.
+- ``trt`` (``model.int8.trt.onnx``): signed symmetric activations and weights (every zero point 0),
+  which TensorRT 11's explicit quantization needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from export.onnx_export import set_metadata
+from training.errors import UserError
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+FLAVOURS = ("cpu", "trt")
+
+# Nodes known to lose accuracy in INT8, matched against a node's name or one of its torch module
+# scopes (full match). EfficientNet: the stem, squeeze-excitation (fc1/fc2) and the classifier.
+KEEP_FLOAT_PRESETS: dict[str, list[str]] = {
+    "efficientnet_lite0": [r"backbone\.net\._bn0", r"head(\..*)?"],
+    "efficientnet_b0": [r"backbone\.features\.0(\..*)?", r".*\.fc[12]", r"head(\..*)?"],
+}
+
+
+def select_calibration_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` indices spread evenly over the classes (round robin over shuffled per-class lists).
+    Warns, and returns all there are, when fewer than ``n`` images exist."""
+    labels = np.asarray(labels)
+    if n <= 0:
+        raise UserError(f"--calib-images must be positive, got {n}")
+    if n > len(labels):
+        print(f"WARNING: asked for {n} calibration images but only {len(labels)} are available; "
+              f"calibrating on {len(labels)}", file=sys.stderr)
+        n = len(labels)
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == k)).tolist() for k in np.unique(labels)]
+    out: list[int] = []
+    while len(out) < n:
+        for idx in per_class:
+            if idx and len(out) < n:
+                out.append(idx.pop())
+    return np.sort(np.array(out, dtype=np.int64))
+
+
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            return [s.strip().strip("'\"") for s in p.value.strip("[]").split(",")]
+    return []
+
+
+def resolve_keep_float(model_path: Path, patterns: list[str]) -> list[str]:
+    """Names of the nodes whose name or torch module scope matches any pattern."""
+    if not patterns:
+        return []
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise UserError(f"bad --keep-float pattern: {e}") from e
+    model = onnx.load(str(model_path), load_external_data=False)
+    names = []
+    for node in model.graph.node:
+        scopes = _scopes(node)
+        if any(c.fullmatch(node.name) or any(c.fullmatch(s) for s in scopes) for c in compiled):
+            names.append(node.name)
+    return names
+
+
+class _Reader:
+    """A CalibrationDataReader over a float32 NCHW array, in batches."""
+
+    def __init__(self, x: np.ndarray, input_name: str, batch: int = 32):
+        self.x, self.name, self.batch, self.i = x, input_name, batch, 0
+
+    def get_next(self):
+        if self.i >= len(self.x):
+            return None
+        b = self.x[self.i:self.i + self.batch]
+        self.i += self.batch
+        return {self.name: b}
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, flavour: str = "cpu",
+                  method: str = "minmax", keep_float: list[str] | None = None, input_name: str = "input") -> None:
+    """Static Q/DQ quantization of ``fp32_path`` into ``out_path`` (atomic), metadata preserved."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if flavour not in FLAVOURS:
+        raise UserError(f"unknown INT8 flavour {flavour!r}; valid: {', '.join(FLAVOURS)}")
+    if method not in CALIBRATION_METHODS:
+        raise UserError(f"unknown calibration method {method!r}; valid: {', '.join(CALIBRATION_METHODS)}")
+    calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}[method]
+    symmetric = flavour == "trt"
+    extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": True,
+             "CalibMaxIntermediateOutputs": 8}
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # ORT nags about optional pre-processing on the root logger
+    with tempfile.TemporaryDirectory() as work:
+        # ORT's calibrator writes an augmented copy of the model next to the working directory
+        cwd = os.getcwd()
+        os.chdir(work)
+        try:
+            quantize_static(str(fp32_path.resolve()), str(tmp.resolve()), _Reader(calib_x, input_name),
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=keep_float or [],
+                            calibrate_method=calib, extra_options=extra)
+        finally:
+            os.chdir(cwd)
+            root_logger.setLevel(level)
+    src = onnx.load(str(fp32_path), load_external_data=False)
+    q = onnx.load(str(tmp))
+    meta = {p.key: p.value for p in src.metadata_props}
+    meta["cifar_deploy.precision"] = "int8" if flavour == "cpu" else "int8-trt"
+    set_metadata(q, meta)
+    onnx.save(q, str(tmp))
+    os.replace(tmp, out_path)
+
+
+def qdq_summary(path: Path) -> dict:
+    """Counts of Q/DQ nodes and the zero points of every QuantizeLinear/DequantizeLinear."""
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    zps: list[np.ndarray] = []
+    n_q = n_dq = 0
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            n_q += node.op_type == "QuantizeLinear"
+            n_dq += node.op_type == "DequantizeLinear"
+            if len(node.input) > 2 and node.input[2] in inits:
+                zps.append(np.ravel(inits[node.input[2]]))
+    all_zp = np.concatenate(zps) if zps else np.zeros(0)
+    return {"quantize_nodes": n_q, "dequantize_nodes": n_dq,
+            "zero_points_all_zero": bool(all_zp.size) and bool(np.all(all_zp == 0)),
+            "zero_point_dtypes": sorted({str(z.dtype) for z in zps})}
