@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.tensorrt_engine import unavailable_reason
 from service.runtime import ArtifactError, manifest_entry_json, open_artifact
+from service.tensorrt_engine import unavailable_reason
 from training.errors import UserError
 
 FORMAT_LABELS = {"pytorch": "PyTorch eager FP32", "fp32": "ONNX Runtime FP32", "fp16": "ONNX Runtime FP16",
@@ -101,7 +101,7 @@ def _runners(artifact_dir: Path, manifest: dict, formats: list[str], threads: in
     for fmt in ("trt_fp16", "trt_int8"):
         e = manifest["artifacts"].get(fmt, {})
         if fmt in formats and "sha256" in e and unavailable_reason() is None:
-            from export.tensorrt_engine import TrtRunner
+            from service.tensorrt_engine import TrtRunner
 
             yield fmt, "TensorRT", torch.cuda.get_device_name(), TrtRunner(artifact_dir / e["file"])
 

@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from export import quantize
-from export import tensorrt_engine as trt_engine
 from export.onnx_export import ExportError, artifact_metadata, export_onnx, load_run, opset_of
+from service import tensorrt_engine as trt_engine
 from service.preprocessing import Preprocessing
 from service.runtime import load_ort_model, sha256_file
 from training.data import CifarData, load_dataset

@@ -73,3 +73,84 @@ class Preprocessing:
         std = np.asarray(self.std, dtype=np.float32).reshape(1, 3, 1, 1)
         x = x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
         return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- decoding uploads
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+
+
+class ImageError(ValueError):
+    """An upload that is not a usable image; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def decode_image(data: bytes, max_megapixels: float = 40.0):
+    """Bytes → an RGB ``PIL.Image``: JPEG, PNG, WebP, BMP or the first frame of a GIF, any mode (RGBA
+    and palette transparency composited on white, L, CMYK, 16-bit), EXIF orientation applied. The
+    pixel count is checked from the header before anything is decoded (decompression bombs)."""
+    import io
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageError("empty upload: expected an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as e:
+        raise ImageError("not an image (expected JPEG, PNG, WebP, BMP or GIF)") from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image too large: {e}", status=413) from e
+    if im.format not in ALLOWED_FORMATS:
+        raise ImageError(f"unsupported image format {im.format}; use one of {', '.join(ALLOWED_FORMATS)}",
+                         status=415)
+    megapixels = im.width * im.height / 1e6
+    if megapixels > max_megapixels:
+        raise ImageError(f"image too large: {im.width}x{im.height} = {megapixels:.1f} MP, over the "
+                         f"{max_megapixels:g} MP limit", status=413)
+    try:
+        im.seek(0)
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return _to_rgb(im)
+    except ImageError:
+        raise
+    except Exception as e:  # truncated or corrupt data
+        raise ImageError(f"truncated or corrupt {im.format} image: {e}") from e
+
+
+def _to_rgb(im):
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(a / (257.0 if a.max() > 255 else 1.0), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")
+
+
+def fit_image(im, size: int) -> np.ndarray:
+    """Centre-crop to a square and resize to ``size`` px (how CIFAR-sized inputs are made): uint8 HWC."""
+    from PIL import Image
+
+    w, h = im.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    if (w, h) != (s, s):
+        im = im.crop((left, top, left + s, top + s))
+    if s != size:
+        im = im.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    return np.asarray(im, dtype=np.uint8)

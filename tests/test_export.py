@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from export import exporter
-from export import tensorrt_engine as trt_engine
 from export.__main__ import main as export_main
 from export.exporter import ExportConfig, run_export
 from export.onnx_export import ExportError, load_run
 from export.quantize import qdq_summary, resolve_keep_float, select_calibration_indices
+from service import tensorrt_engine as trt_engine
 from service.preprocessing import METADATA_KEY, Preprocessing
 from service.runtime import ArtifactError, load_ort_model, open_artifact
 from training.data import load_cifar

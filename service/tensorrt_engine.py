@@ -1,4 +1,5 @@
-"""TensorRT 11 engines from the FP16 and INT8 (Q/DQ) ONNX files, and a minimal runner.
+"""TensorRT 11 engines from the FP16 and INT8 (Q/DQ) ONNX files (built by export), and the runner
+(used by the service and the benchmark).
 
 TensorRT 11 networks are always strongly typed: precision comes from the graph (FP16 casts, INT8
 Q/DQ with zero points 0), not from builder flags or calibrators. This module is deliberately thin;

@@ -1,0 +1,234 @@
+"""The BentoML service: ``bentoml serve service.service:CifarClassifier``.
+
+Two services, as in BentoML's own examples:
+- ``CifarRunner`` owns the models (declared as ``BentoModel`` references, so ``bentoml build`` packs
+  them) and one sync, batchable inference API per model: adaptive batching happens here.
+- ``CifarClassifier`` is the HTTP entry (``/classify``, ``/classify_batch``, ``/models``): it
+  checks and decodes uploads (outside the batched path) and ``bentoml.depends`` on the runner.
+Bad input is answered with a 4xx JSON error, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import anyio
+import bentoml
+import numpy as np
+from bentoml.models import BentoModel
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+from service.backends import LoadedModel, load_model
+from service.config import ModelSpec, load_config
+from service.preprocessing import ImageError, decode_image, fit_image
+
+CONFIG = load_config()
+
+INFERENCE_SECONDS = bentoml.metrics.Histogram(
+    name="cifar_inference_seconds", documentation="Model inference time per batch (runner, preprocessed input)",
+    labelnames=["model", "backend"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="cifar_batch_size", documentation="Images per inference call after adaptive batching",
+    labelnames=["model", "backend"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
+
+def _model_attr(spec: ModelSpec) -> str:
+    return f"model_{spec.key}"
+
+
+def _infer_api(spec: ModelSpec):
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (N, S, S, 3) → logits (N, classes)."""
+        m: LoadedModel = self.models[spec.name]
+        t0 = time.perf_counter()
+        logits = m.predict(m.preprocessing.to_input(images))
+        INFERENCE_SECONDS.labels(model=spec.name, backend=spec.backend).observe(time.perf_counter() - t0)
+        BATCH_SIZE.labels(model=spec.name, backend=spec.backend).observe(len(images))
+        return np.asarray(logits, dtype=np.float32)
+
+    infer.__name__ = infer.__qualname__ = f"infer_{spec.key}"
+    return bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size,
+                       max_latency_ms=CONFIG.max_latency_ms)(infer)
+
+
+class _RunnerBase:
+    def __init__(self) -> None:
+        self.models: dict[str, LoadedModel] = {}
+        for spec in CONFIG.models:  # load and warm up every model before answering
+            self.models[spec.name] = load_model(spec, getattr(self, _model_attr(spec)), CONFIG.intra_op_threads,
+                                                warmup_batch=min(8, CONFIG.max_batch_size))
+
+    def __is_ready__(self) -> bool:
+        return len(self.models) == len(CONFIG.models)
+
+    @bentoml.api
+    def describe(self) -> list[dict]:
+        """Every loaded model: backend, provider, precision, sizes, classes, accuracy, sha256."""
+        return [m.describe() for m in self.models.values()]
+
+
+_attrs: dict = {"__module__": __name__}
+for _spec in CONFIG.models:
+    _attrs[_model_attr(_spec)] = BentoModel(_spec.tag)
+    _attrs[f"infer_{_spec.key}"] = _infer_api(_spec)
+CifarRunner = bentoml.service(
+    name="cifar_runner", workers=CONFIG.runner_workers, threads=CONFIG.runner_threads,
+    traffic={"timeout": CONFIG.timeout_s},
+)(type("CifarRunner", (_RunnerBase,), _attrs))
+
+app = FastAPI(title="cifar-deploy", description="CIFAR classifiers exported by cifar-deploy")
+
+
+def error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, **extra):
+        super().__init__(message)
+        self.status, self.message, self.extra = status, message, extra
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"payload of {int(declared)} bytes is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"payload is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _uploads(request: Request, limit: int, max_files: int) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of every file in a multipart form, or the raw body as one file."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"payload of {int(declared)} bytes is over the {limit}-byte limit")
+        try:
+            form = await request.form(max_files=max_files + 1, max_part_size=limit)
+        except Exception as e:  # malformed multipart, too many parts
+            raise RequestError(400, f"malformed multipart body: {e}") from e
+        files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not files:
+            raise RequestError(400, "multipart body has no file part (send the image as a file field)")
+        if sum(len(b) for _, b in files) > limit:
+            raise RequestError(413, f"payload is over the {limit}-byte limit")
+        return files
+    return [("body", await _read_body(request, limit))]
+
+
+@bentoml.service(name="cifar_classifier", workers=CONFIG.api_workers, threads=CONFIG.api_threads,
+                 traffic={"timeout": CONFIG.timeout_s})
+@bentoml.asgi_app(app, path="/")
+class CifarClassifier:
+    runner = bentoml.depends(CifarRunner)
+
+    def __init__(self) -> None:
+        self._catalog: dict[str, dict] | None = None
+        self._names = [m.name for m in CONFIG.models]
+
+    def catalog(self) -> dict[str, dict]:
+        if self._catalog is None:
+            self._catalog = {m["name"]: m for m in self.runner.describe()}
+        return self._catalog
+
+    async def __is_ready__(self) -> bool:
+        """Ready once the runner has loaded and warmed up every model."""
+        try:
+            await anyio.to_thread.run_sync(self.catalog)
+        except Exception:
+            return False
+        return True
+
+    def _model(self, name: str | None) -> dict:
+        if not self._names:
+            raise RequestError(503, "no models configured (see service/config.yaml)")
+        name = name or self._names[0]
+        if name not in self._names:
+            raise RequestError(404, f"unknown model {name!r}", models=self._names)
+        return self.catalog()[name]
+
+    async def _classify(self, files: list[tuple[str, bytes]], model: str | None, top_k: int | None) -> dict:
+        m = self._model(model)
+        k = top_k or CONFIG.default_top_k
+        if k > len(m["classes"]):
+            raise RequestError(422, f"top_k={k} is more than the {len(m['classes'])} classes of {m['name']}")
+        t0 = time.perf_counter()
+
+        def prepare() -> np.ndarray:
+            out = []
+            for i, (fname, data) in enumerate(files):
+                try:
+                    out.append(fit_image(decode_image(data, CONFIG.max_megapixels), m["image_size"]))
+                except ImageError as e:
+                    where = f"image {i} ({fname})" if len(files) > 1 else "image"
+                    raise RequestError(e.status, f"{where}: {e}") from e
+            return np.stack(out)
+
+        images = await anyio.to_thread.run_sync(prepare)
+        t1 = time.perf_counter()
+        infer = getattr(self.runner.to_async, f"infer_{ModelSpec(m['name'], '').key}")
+        step = CONFIG.max_batch_size
+        parts = await asyncio.gather(*(infer(images[i:i + step]) for i in range(0, len(images), step)))
+        logits = np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
+        t2 = time.perf_counter()
+        z = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        results = []
+        for p in probs:
+            top = np.argsort(-p)[:k]
+            results.append([{"label": m["classes"][j], "score": float(p[j])} for j in top])
+        return {"model": m["name"], "backend": m["backend"], "provider": m["provider"],
+                "precision": m["precision"], "results": results,
+                "timing_ms": {"decode": 1e3 * (t1 - t0), "inference": 1e3 * (t2 - t1),
+                              "total": 1e3 * (time.perf_counter() - t0)}}
+
+    async def _handle(self, request: Request, model: str | None, top_k: int | None, batch: bool):
+        limit = int(CONFIG.max_upload_mb * 2**20)
+        try:
+            files = await _uploads(request, limit, CONFIG.max_batch_images)
+            if len(files) > (CONFIG.max_batch_images if batch else 1):
+                n = CONFIG.max_batch_images if batch else 1
+                raise RequestError(413, f"{len(files)} images in one request; the limit is {n}"
+                                   + ("" if batch else " (use /classify_batch for several)"))
+            out = await self._classify(files, model, top_k)
+        except RequestError as e:
+            return error(e.status, e.message, **e.extra)
+        except Exception as e:  # the runner is down or overloaded: not the client's fault
+            return error(503, f"inference unavailable: {type(e).__name__}: {e}")
+        if batch:
+            out["predictions"] = out.pop("results")
+        else:
+            out["predictions"] = out.pop("results")[0]
+        return out
+
+    @app.post("/classify")
+    async def classify(self, request: Request, model: str | None = Query(None),
+                       top_k: int | None = Query(None, ge=1, le=1000)):
+        """One image (multipart file field or raw body) → top-k labels and scores."""
+        return await self._handle(request, model, top_k, batch=False)
+
+    @app.post("/classify_batch")
+    async def classify_batch(self, request: Request, model: str | None = Query(None),
+                             top_k: int | None = Query(None, ge=1, le=1000)):
+        """Several images (multipart file fields) → one prediction list per image, in order."""
+        return await self._handle(request, model, top_k, batch=True)
+
+    @app.get("/models")
+    def models(self):
+        """Every served model with its backend, precision, input size, classes, accuracy and sha256."""
+        try:
+            return {"models": list(self.catalog().values()), "default": self._names[0] if self._names else None}
+        except Exception as e:
+            return error(503, f"models not loaded yet: {type(e).__name__}: {e}")
