@@ -90,7 +90,7 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
     cfg = ServiceConfig(models=_parse_models(raw.get("models")))
-    for name, f in known.items():
+    for name in known:
         if name == "models":
             continue
         value = env.get(f"CIFAR_DEPLOY_{name.upper()}", raw.get(name))
