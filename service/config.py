@@ -38,7 +38,7 @@ class ModelSpec:
 class ServiceConfig:
     models: list[ModelSpec] = field(default_factory=list)
     max_batch_size: int = 32
-    max_latency_ms: int = 50
+    max_latency_ms: int = 1000
     runner_workers: int = 1
     runner_threads: int = 4
     api_workers: int = 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import anyio
 import bentoml
 import numpy as np
@@ -26,11 +27,16 @@ from service.config import ModelSpec, load_config
 from service.preprocessing import ImageError, decode_image, fit_image
 
 CONFIG = load_config()
+RUNNER_ATTEMPTS = 3
 
 INFERENCE_SECONDS = bentoml.metrics.Histogram(
     name="cifar_inference_seconds", documentation="Model inference time per batch (runner, preprocessed input)",
     labelnames=["model", "backend"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+RUNNER_RETRIES = bentoml.metrics.Counter(
+    name="cifar_runner_retries", documentation="Entry→runner calls retried after a dropped connection",
+    labelnames=["model"],
 )
 BATCH_SIZE = bentoml.metrics.Histogram(
     name="cifar_batch_size", documentation="Images per inference call after adaptive batching",
@@ -179,8 +185,20 @@ class CifarClassifier:
         images = await anyio.to_thread.run_sync(prepare)
         t1 = time.perf_counter()
         infer = getattr(self.runner.to_async, f"infer_{ModelSpec(m['name'], '').key}")
+
+        async def call(batch: np.ndarray):
+            # Pooled entry→runner connections are sometimes dropped by the runner (bentoml/BentoML#3669,
+            # #4971); inference is idempotent, so connection-level failures are retried.
+            for attempt in range(RUNNER_ATTEMPTS):
+                try:
+                    return await infer(batch)
+                except aiohttp.ClientConnectionError:
+                    if attempt == RUNNER_ATTEMPTS - 1:
+                        raise
+                    RUNNER_RETRIES.labels(model=m["name"]).inc()
+
         step = CONFIG.max_batch_size
-        parts = await asyncio.gather(*(infer(images[i:i + step]) for i in range(0, len(images), step)))
+        parts = await asyncio.gather(*(call(images[i:i + step]) for i in range(0, len(images), step)))
         logits = np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
         t2 = time.perf_counter()
         z = logits - logits.max(axis=1, keepdims=True)
@@ -205,8 +223,10 @@ class CifarClassifier:
             out = await self._classify(files, model, top_k)
         except RequestError as e:
             return error(e.status, e.message, **e.extra)
-        except Exception as e:  # the runner is down or overloaded: not the client's fault
-            return error(503, f"inference unavailable: {type(e).__name__}: {e}")
+        except Exception as e:  # the runner is down or shedding load: not the client's fault
+            response = error(503, f"inference unavailable: {type(e).__name__}: {e}")
+            response.headers["Retry-After"] = "1"
+            return response
         if batch:
             out["predictions"] = out.pop("results")
         else:

@@ -46,3 +46,14 @@ def tiny_run(tmp_path_factory, synthetic_dir) -> Path:
                       runs_dir=str(runs), name="tiny", threads=2)
     Trainer(cfg).run()
     return runs / "tiny"
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run, synthetic_dir, tmp_path_factory):
+    """The tiny run exported to every CPU format and saved to the (test) BentoML store as tiny-<format>."""
+    from export.exporter import ExportConfig, run_export
+
+    out = tmp_path_factory.mktemp("artifacts")
+    manifest = run_export(ExportConfig(run_dir=str(tiny_run), out_dir=str(out), data_dir=str(synthetic_dir),
+                                       calib_images=64, threads=2))
+    return out, manifest

@@ -17,14 +17,6 @@ from service.runtime import ArtifactError, load_ort_model, open_artifact
 from training.data import load_cifar
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_run, synthetic_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("artifacts")
-    manifest = run_export(ExportConfig(run_dir=str(tiny_run), out_dir=str(out), data_dir=str(synthetic_dir),
-                                       calib_images=64, threads=2))
-    return out, manifest
-
-
 def test_fp32_has_dynamic_batch_and_matches_pytorch(exported, tiny_run, synthetic_dir):
     out, manifest = exported
     model, mj, pre, _ = load_run(tiny_run)

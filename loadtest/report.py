@@ -1,0 +1,142 @@
+"""Load-test reports: markdown, plots (throughput and latency vs concurrency, model comparison)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+BENCH_KEYS = ("model", "backend", "precision", "scenario", "users", "rps", "images_per_s", "p50_ms", "p95_ms",
+              "p99_ms", "failures", "requests", "server_mean_batch", "server_infer_ms_mean", "device")
+
+
+def _label(r: dict) -> str:
+    return f"{r['model']} {r['backend']} {r['precision']}"
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plots(rows: list[dict], outdir: Path) -> None:
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["scenario"] in ("single-stream", "server"):
+            series.setdefault(_label(r), []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["users"])
+        ax.plot([r["users"] for r in rs], [r["images_per_s"] for r in rs], "o-", label=name)
+    ax.set(xscale="log", xlabel="concurrent users", ylabel="images/s", title="throughput vs concurrency")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, outdir / "throughput.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, rs) in enumerate(series.items()):
+        rs = sorted(rs, key=lambda r: r["users"])
+        colour = f"C{i}"
+        for p, style in (("p50_ms", "-"), ("p95_ms", "--"), ("p99_ms", ":")):
+            ax.plot([r["users"] for r in rs], [r[p] for r in rs], style, color=colour,
+                    label=f"{name} {p[:3]}")
+    ax.set(xscale="log", yscale="log", xlabel="concurrent users", ylabel="latency (ms)",
+           title="latency percentiles vs concurrency")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    _save(fig, outdir / "latency.png")
+
+    single = [r for r in rows if r["scenario"] == "single-stream"]
+    peak: dict[str, float] = {}
+    for r in rows:
+        peak[_label(r)] = max(peak.get(_label(r), 0.0), r["images_per_s"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.bar([_label(r) for r in single], [r["p50_ms"] for r in single], color="tab:orange")
+    ax1.set(ylabel="ms", title="single-stream p50 latency")
+    ax2.bar(list(peak), list(peak.values()), color="tab:blue")
+    ax2.set(ylabel="images/s", title="peak throughput (any scenario)")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=30)
+        for lbl in ax.get_xticklabels():
+            lbl.set_ha("right")
+        ax.grid(axis="y", alpha=0.3)
+    _save(fig, outdir / "models.png")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def table(rows: list[dict]) -> list[str]:
+    out = ["| model | backend | precision | scenario | users | img/s | p50 ms | p95 ms | p99 ms | failures | "
+           "server batch | server infer ms |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['scenario']} | {r['users']} | "
+                   f"{r['images_per_s']:.1f} | {_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | "
+                   f"{r['failures']}/{r['requests']} | {_fmt(r['server_mean_batch'])} | "
+                   f"{_fmt(r['server_infer_ms_mean'])} |")
+    return out
+
+
+def best_lines(best: list[dict], slo_ms: float) -> list[str]:
+    if not best:
+        return [f"No model/format kept p95 within {slo_ms:g} ms at ≤ 1% failures."]
+    out = [f"Most images/s with p95 ≤ {slo_ms:g} ms and ≤ 1% failures:", "",
+           "| rank | model | backend | precision | scenario | users | img/s | p95 ms |",
+           "|---:|---|---|---|---|---:|---:|---:|"]
+    for i, r in enumerate(best, 1):
+        out.append(f"| {i} | {r['model']} | {r['backend']} | {r['precision']} | {r['scenario']} | {r['users']} | "
+                   f"{r['images_per_s']:.1f} | {_fmt(r['p95_ms'])} |")
+    return out
+
+
+def to_markdown(rows: list[dict], meta: dict, best: list[dict]) -> str:
+    out = ["# Load-test report", "", f"Created {meta['created']} on {meta['device']}; payloads "
+           f"`{meta['payload_source']}`; versions {json.dumps(meta['versions'])}.", "",
+           "Latency is Locust's client-side time (rounded); *server batch* and *server infer ms* come from the "
+           "service's own `/metrics` histograms over the same step (exact).", "", *table(rows), "",
+           *best_lines(best, meta["slo_ms"] or 100.0), ""]
+    if meta["gate_problems"]:
+        out += ["**Gate failed:**", "", *[f"- {p}" for p in meta["gate_problems"]], ""]
+    else:
+        out += [f"Gate passed (failure ratio ≤ {meta['max_failure_ratio']:.0%}"
+                + (f", p95 ≤ {meta['slo_ms']:g} ms in single-stream/constant-rate" if meta["slo_ms"] else "")
+                + ").", ""]
+    out += ["![throughput](throughput.png)", "", "![latency](latency.png)", "", "![models](models.png)", ""]
+    return "\n".join(out)
+
+
+def write_bench(rows: list[dict], out: Path, slo_ms: float) -> None:
+    """benchmarks/loadtest.json (rows merged by model/backend/precision) and .md."""
+    from loadtest.run import best_within_slo
+
+    path = out.with_suffix(".json")
+    old = json.loads(path.read_text()) if path.exists() else []
+    new = [{k: r.get(k) for k in BENCH_KEYS} for r in rows]
+    keys = {(r["model"], r["backend"], r["precision"]) for r in new}
+    merged = [r for r in old if (r["model"], r["backend"], r["precision"]) not in keys] + new
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(merged, indent=1) + "\n")
+    os.replace(tmp, path)
+    full = [{**r, "failure_ratio": (r["failures"] / r["requests"]) if r["requests"] else 1.0} for r in merged]
+    md = ["# Load-test benchmark", "", "Produced by `python -m loadtest.run … --bench-out benchmarks/loadtest`: the "
+          "service, Locust and the models share this machine's cores, so these figures include that contention.",
+          "", *table(merged), "", *best_lines(best_within_slo(full, slo_ms), slo_ms), "",
+          "![throughput](loadtest.png)", ""]
+    out.with_suffix(".md").write_text("\n".join(md))
+    plots_dir = out.parent
+    plots(merged, plots_dir)
+    os.replace(plots_dir / "throughput.png", out.with_suffix(".png"))
+    for extra in ("latency.png", "models.png"):
+        os.replace(plots_dir / extra, out.with_name(f"{out.stem}-{extra}"))

@@ -1,0 +1,132 @@
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from loadtest.payloads import PayloadError, load_payloads
+from loadtest.run import LoadTestError, gate, main, parse_targets
+from loadtest.validation import validate
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+def test_validate_accepts_a_distribution_and_rejects_the_rest():
+    full = [{"label": c, "score": 0.1} for c in CLASSES]
+    assert validate({"predictions": full}, set(CLASSES), 1, 10) is None
+    assert validate({"predictions": full[:3]}, set(CLASSES), 1, 3) is None
+    assert "probability" in validate({"predictions": [{"label": c, "score": 0.5} for c in CLASSES]},
+                                     set(CLASSES), 1, 10)
+    assert "unknown labels" in validate({"predictions": [{"label": "dog", "score": 0.9}]}, set(CLASSES), 1, 1)
+    assert "outside" in validate({"predictions": [{"label": "c1", "score": 1.5}]}, set(CLASSES), 1, 1)
+    assert "sorted" in validate({"predictions": [{"label": "c1", "score": 0.1}, {"label": "c2", "score": 0.2}]},
+                                set(CLASSES), 1, 2)
+    assert validate({}, set(CLASSES), 1, 1) == "no predictions"
+    batch = [[{"label": "c1", "score": 0.9}]] * 3
+    assert validate({"predictions": batch}, set(CLASSES), 3, 1) is None
+    assert "lists" in validate({"predictions": batch}, set(CLASSES), 4, 1)
+
+
+def test_payload_sources(tmp_path, synthetic_dir):
+    assert len(load_payloads("synthetic", 5)) == 5
+    pngs = load_payloads(f"cifar:{synthetic_dir}", 7)
+    assert len(pngs) == 7 and pngs[0][:4] == b"\x89PNG"
+    (tmp_path / "a.jpg").write_bytes(pngs[0])
+    assert load_payloads(f"dir:{tmp_path}", 10) == [pngs[0]]
+    with pytest.raises(PayloadError, match="no CIFAR"):
+        load_payloads(f"cifar:{tmp_path}")
+    with pytest.raises(PayloadError, match="unknown payload source"):
+        load_payloads("ftp:x")
+
+
+def test_targets_and_gate():
+    assert parse_targets(["a=t:1@tensorrt"])[0].backend == "tensorrt"
+    with pytest.raises(LoadTestError):
+        parse_targets(["just-a-name"])
+    rows = [{"model": "m", "scenario": "single-stream", "users": 1, "failure_ratio": 0.0, "p95_ms": 50.0},
+            {"model": "m", "scenario": "server", "users": 32, "failure_ratio": 0.0, "p95_ms": 900.0}]
+    assert gate(rows, 100, 0.01) == []  # the sweep may exceed the SLO: it is not gated
+    assert gate(rows, 10, 0.01) and gate([{**rows[0], "failure_ratio": 0.02}], None, 0.01)
+
+
+def _run(args, tmp_path):
+    return main([*args, "--reports-dir", str(tmp_path / "reports"), "--warmup-seconds", "2",
+                 "--single-seconds", "3", "--step-seconds", "3"])
+
+
+@pytest.fixture(scope="module")
+def short_run(exported, synthetic_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lt")
+    code = _run(["--models", "tiny=tiny-int8:latest", "--scenarios", "single", "server", "offline",
+                 "--users", "2", "--offline-batch", "4", "--payload-source", f"cifar:{synthetic_dir}",
+                 "--slo-ms", "5000", "--bench-out", str(tmp / "bench" / "loadtest")], tmp)
+    return code, tmp
+
+
+def test_short_run_writes_a_report_without_failures(short_run):
+    code, tmp = short_run
+    assert code == 0
+    latest = tmp / "reports" / "latest"
+    for f in ("report.md", "results.json", "throughput.png", "latency.png", "models.png"):
+        assert (latest / f).is_file(), f
+    results = json.loads((latest / "results.json").read_text())
+    rows = results["rows"]
+    assert [r["scenario"] for r in rows] == ["single-stream", "server", "offline"]
+    assert all(r["rps"] > 0 and r["failures"] == 0 and r["requests"] > 0 for r in rows)
+    assert rows[-1]["images_per_s"] == pytest.approx(4 * rows[-1]["rps"])
+    assert rows[0]["server_calls"] > 0 and rows[0]["precision"] == "int8"
+    assert results["meta"]["versions"]["locust"]
+    bench = json.loads((tmp / "bench" / "loadtest.json").read_text())
+    assert {"model", "backend", "precision", "scenario", "users", "rps", "p50_ms", "p95_ms", "p99_ms", "failures",
+            "device"} <= set(bench[0])
+    assert "Most images/s" in (tmp / "bench" / "loadtest.md").read_text()
+
+
+def test_impossible_slo_fails_the_gate(exported, tmp_path):
+    code = _run(["--models", "tiny=tiny-fp32:latest", "--scenarios", "single", "--slo-ms", "0.001"], tmp_path)
+    assert code == 1
+    report = (tmp_path / "reports" / "latest" / "report.md").read_text()
+    assert "Gate failed" in report and "SLO" in report
+
+
+class _Malformed(BaseHTTPRequestHandler):
+    def _send(self, code, body):
+        data = json.dumps(body).encode() if not isinstance(body, bytes) else body
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/readyz":
+            self._send(200, {})
+        elif self.path == "/models":
+            self._send(200, {"default": "m", "models": [{"name": "m", "classes": CLASSES, "backend": "fake",
+                                                          "provider": "none", "precision": "fp32", "input_size": 32}]})
+        else:
+            self._send(404, {})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.startswith("/classify"):
+            self._send(200, {"predictions": [{"label": "not-a-class", "score": 3.0}] * 10})
+        else:
+            self._send(404, {})
+
+    def log_message(self, *a):
+        pass
+
+
+def test_malformed_answers_count_as_failures(tmp_path):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Malformed)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        code = _run(["--url", f"http://127.0.0.1:{srv.server_port}", "--model", "m", "--scenarios", "single"],
+                    tmp_path)
+    finally:
+        srv.shutdown()
+    assert code == 1
+    row = json.loads((tmp_path / "reports" / "latest" / "results.json").read_text())["rows"][0]
+    assert row["requests"] > 0 and row["failures"] == row["requests"]
+    assert any("outside" in r or "unknown labels" in r for r in row["failure_reasons"])

@@ -1,0 +1,112 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.config import ConfigError, load_config
+from service.preprocessing import ImageError, Preprocessing, PreprocessingError, decode_image, fit_image
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    b = io.BytesIO()
+    im.save(b, fmt, **kw)
+    return b.getvalue()
+
+
+RGB = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
+def test_formats_decode_to_rgb(fmt):
+    im = decode_image(encode(RGB, fmt))
+    assert im.mode == "RGB" and im.size == (60, 40)
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGBA", "PNG"), ("L", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("LA", "PNG")])
+def test_modes_decode_to_rgb(mode, fmt):
+    assert decode_image(encode(RGB.convert(mode), fmt)).mode == "RGB"
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    a = np.full((8, 8), 65535, dtype=np.uint16)
+    a[:4] = 257 * 100
+    out = np.asarray(decode_image(encode(Image.fromarray(a), "PNG")))
+    assert out[0, 0, 0] == 100 and out[-1, -1, 0] == 255
+
+
+def test_transparency_is_composited_on_white():
+    im = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert np.asarray(decode_image(encode(im, "PNG")))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_honoured():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    im = decode_image(encode(RGB, "JPEG", exif=exif))
+    assert im.size == (40, 60)
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    b = io.BytesIO()
+    frames[0].save(b, "GIF", save_all=True, append_images=frames[1:])
+    assert np.asarray(decode_image(b.getvalue()))[0, 0, 0] > 200
+
+
+@pytest.mark.parametrize("data,status,match", [
+    (b"", 400, "empty"),
+    (b"plain text", 400, "not an image"),
+    (encode(RGB, "PNG")[:80], 400, "truncated"),
+    (encode(RGB, "TIFF"), 415, "unsupported"),
+])
+def test_bad_uploads(data, status, match):
+    with pytest.raises(ImageError, match=match) as e:
+        decode_image(data)
+    assert e.value.status == status
+
+
+def test_decompression_bomb_checked_from_header():
+    bomb = encode(Image.new("L", (4000, 3000)), "PNG")  # small file, 12 MP
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageError, match="12.0 MP") as e:
+        decode_image(bomb, max_megapixels=10)
+    assert e.value.status == 413
+
+
+def test_fit_image_centre_crops_and_resizes():
+    a = np.zeros((40, 80, 3), np.uint8)
+    a[:, 20:60] = 255  # the centre square is white
+    out = fit_image(Image.fromarray(a), 32)
+    assert out.shape == (32, 32, 3) and out.min() == 255
+
+
+def test_preprocessing_round_trip_and_validation():
+    p = Preprocessing(32, 224, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ("a", "b"))
+    assert Preprocessing.from_json(p.to_json()) == p
+    x = p.to_input(np.full((2, 32, 32, 3), 255, np.uint8))
+    assert x.shape == (2, 3, 32, 32) and np.allclose(x, 2.0)
+    with pytest.raises(ValueError, match="shape"):
+        p.to_input(np.zeros((2, 16, 16, 3), np.uint8))
+    with pytest.raises(PreprocessingError):
+        Preprocessing.from_dict({"image_size": 32})
+    with pytest.raises(PreprocessingError):
+        Preprocessing.from_json("{")
+
+
+def test_service_config(tmp_path):
+    cfg = load_config({"CIFAR_DEPLOY_MODELS": "a=x:1,b=y:latest@onnxruntime-cuda", "CIFAR_DEPLOY_MAX_BATCH_SIZE": "8"})
+    assert [(m.name, m.tag, m.backend) for m in cfg.models] == [("a", "x:1", "onnxruntime"),
+                                                                 ("b", "y:latest", "onnxruntime-cuda")]
+    assert cfg.max_batch_size == 8
+    with pytest.raises(ConfigError, match="unknown backend"):
+        load_config({"CIFAR_DEPLOY_MODELS": "a=x@tpu"})
+    with pytest.raises(ConfigError, match="unique"):
+        load_config({"CIFAR_DEPLOY_MODELS": "a=x,a=y"})
+    bad = tmp_path / "c.yaml"
+    bad.write_text("models: []\nmax_batch: 3\n")
+    with pytest.raises(ConfigError, match="unknown configuration keys: max_batch"):
+        load_config({"CIFAR_DEPLOY_CONFIG": str(bad)})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config({"CIFAR_DEPLOY_CONFIG": str(tmp_path / "missing.yaml")})
+    assert [m.name for m in load_config({}).models]  # the committed default config parses
