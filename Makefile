@@ -15,9 +15,20 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+DEMO_RUN := runs/demo-efficientnet_lite0
+
+# Train (ImageNet Lite0, frozen backbone, cached features), export FP32/FP16/INT8 into the BentoML
+# store, and build the bento that service/config.yaml describes. Every step skips finished work.
 demo: $(STAMP)
 	$(BIN)/python -m training.train --model efficientnet_lite0 --dataset cifar10 --data-dir $(DATA_DIR) \
 		--strategy frozen --epochs 15 --name demo-efficientnet_lite0 --resume --synthetic-fallback
+	$(BIN)/python -m export $(DEMO_RUN) --formats fp32 fp16 int8
+	$(BIN)/bentoml build
+	@echo
+	@echo "run:       $(DEMO_RUN)/ (metrics.json, model.json, curves.png, confusion.png, samples.png)"
+	@echo "artifacts: artifacts/demo-efficientnet_lite0/ (manifest.json, model*.onnx)"
+	@echo "serve:     $(BIN)/bentoml serve service.service:CifarClassifier --port 3000"
+	@echo "try:       curl -F image=@some.png 'http://127.0.0.1:3000/classify?top_k=3'"
 
 test: $(STAMP)
 	$(BIN)/ruff check .

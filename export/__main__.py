@@ -22,9 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=d.opset)
     p.add_argument("--calib-images", type=int, default=d.calib_images)
     p.add_argument("--calib-method", default=d.calib_method, choices=CALIBRATION_METHODS)
-    p.add_argument("--keep-float", nargs="*", default=[], metavar="PATTERN",
-                   help="regexes of nodes (name or torch module scope) to keep in float in INT8; "
-                        "'preset' adds the backbone's known-sensitive nodes (EfficientNet stem, SE, classifier)")
+    p.add_argument("--keep-float", nargs="*", default=d.keep_float, metavar="PATTERN",
+                   help="regexes of nodes (name or torch module scope) kept in float in INT8; 'preset' (the "
+                        "default) adds the backbone's known-sensitive nodes (EfficientNet stem, early blocks, SE, "
+                        "classifier); 'none' quantizes everything")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--min-batch", type=int, default=d.min_batch)
     p.add_argument("--opt-batch", type=int, default=d.opt_batch)

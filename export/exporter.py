@@ -52,7 +52,7 @@ class ExportConfig:
     opset: int = 18
     calib_images: int = 512
     calib_method: str = "minmax"
-    keep_float: list[str] = field(default_factory=list)
+    keep_float: list[str] = field(default_factory=lambda: ["preset"])
     eval_limit: int | None = None
     min_batch: int = 1
     opt_batch: int = 32

@@ -187,3 +187,10 @@ def test_benchmark_writes_rows_table_and_plot(exported, tmp_path):
     md = dest.with_suffix(".md").read_text()
     assert "INT8 (CPU Q/DQ) ÷ FP32" in md and dest.with_suffix(".png").stat().st_size > 1000
     assert benchmark.main([str(tmp_path / "missing")]) == 2
+
+
+def test_relative_output_folder(tiny_run, synthetic_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manifest = run_export(ExportConfig(run_dir=str(tiny_run), out_dir="rel/out", data_dir=str(synthetic_dir),
+                                       formats=["fp32", "int8"], calib_images=16, bentoml=False))
+    assert (tmp_path / "rel/out/model.int8.onnx").is_file() and "sha256" in manifest["artifacts"]["int8"]
