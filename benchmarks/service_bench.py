@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         tag = manifest["artifacts"][fmt]["bentoml_tag"]
         ip = inprocess(Path(art), fmt, payloads, args.batch, args.seconds)
         options = {"max_batch_size": args.batch, "max_latency_ms": 1000, "runner_threads": 4, "api_threads": 8}
-        with tempfile.TemporaryDirectory() as work, serve(Target(name, tag), Path(work), options) as url:
+        with tempfile.TemporaryDirectory() as work, serve([Target(name, tag)], Path(work), options) as url:
             for _ in range(10):  # warm-up
                 httpx.post(f"{url}/classify", content=payloads[0], params={"model": name}, timeout=60)
             sv = asyncio.run(served(url, name, payloads, args.clients, args.seconds))

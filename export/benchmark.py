@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -19,23 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from service.runtime import ArtifactError, manifest_entry_json, open_artifact
+from service.runtime import ArtifactError, cpu_name, manifest_entry_json, open_artifact
 from service.tensorrt_engine import unavailable_reason
 from training.errors import UserError
 
 FORMAT_LABELS = {"pytorch": "PyTorch eager FP32", "fp32": "ONNX Runtime FP32", "fp16": "ONNX Runtime FP16",
                  "int8": "ONNX Runtime INT8 (CPU Q/DQ)", "int8_trt": "ONNX Runtime INT8 (TensorRT Q/DQ)",
                  "trt_fp16": "TensorRT FP16", "trt_int8": "TensorRT INT8"}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def time_fn(fn: Callable[[np.ndarray], object], x: np.ndarray, warmup: int, iters: int,

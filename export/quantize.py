@@ -25,11 +25,12 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 FLAVOURS = ("cpu", "trt")
 
 # Nodes known to lose accuracy in INT8, matched against a node's name or one of its torch module
-# scopes (full match). EfficientNet: the stem, squeeze-excitation (fc1/fc2) and the classifier. For
-# Lite0 (no SE) the first two MBConv blocks matter too: measured on the CIFAR-10 subset, stem +
-# classifier alone left INT8 1.57 points below FP32; adding blocks 0-1 closed the gap (benchmarks/).
+# scopes (full match). EfficientNet: the stem, squeeze-excitation (fc1/fc2) and the classifier. Lite0
+# (no SE), fine-tuned on the CIFAR-10 subset at 128 px, INT8 vs FP32 at batch 32 on a 2-core CPU:
+#   all INT8 -1.76 pts 2.46x | stem+head -1.57 pts 2.21x | stem+block0+head -0.59 pts 2.11x |
+#   stem+blocks0-1+head +0.00 pts 1.63x   → the preset keeps stem, block 0 and the classifier.
 KEEP_FLOAT_PRESETS: dict[str, list[str]] = {
-    "efficientnet_lite0": [r"backbone\.net\._bn0", r"backbone\.net\._blocks\.[01](\..*)?", r"head(\..*)?"],
+    "efficientnet_lite0": [r"backbone\.net\._bn0", r"backbone\.net\._blocks\.0(\..*)?", r"head(\..*)?"],
     "efficientnet_b0": [r"backbone\.features\.0(\..*)?", r".*\.fc[12]", r"head(\..*)?"],
 }
 

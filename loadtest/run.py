@@ -83,13 +83,14 @@ def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None, l
 
 
 @contextlib.contextmanager
-def serve(target: Target, workdir: Path, service_options: dict, timeout: float = 180):
-    """Start the service for one model on a loopback port; yield its URL; stop it afterwards."""
-    cfg = {"models": [{"name": target.name, "tag": target.tag, "backend": target.backend}], **service_options}
-    cfg_path = workdir / f"service-{target.name}-{target.backend}.yaml"
+def serve(targets: list[Target], workdir: Path, service_options: dict, timeout: float = 180):
+    """Start the service for these models on a loopback port; yield its URL; stop it afterwards."""
+    cfg = {"models": [{"name": t.name, "tag": t.tag, "backend": t.backend} for t in targets], **service_options}
+    stem = f"service-{targets[0].name}-{targets[0].backend}"
+    cfg_path = workdir / f"{stem}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     port = free_port()
-    log = workdir / f"service-{target.name}-{target.backend}.log"
+    log = workdir / f"{stem}.log"
     env = {**os.environ, "CIFAR_DEPLOY_CONFIG": str(cfg_path), "BENTOML_DO_NOT_TRACK": "true"}
     with open(log, "w") as logf:
         proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "service.service:CifarClassifier", "--host",
@@ -140,16 +141,6 @@ def metrics_delta(before: dict, after: dict, model: str) -> dict:
 
 
 # --------------------------------------------------------------------------- devices
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU ({os.cpu_count()} cores)"
-
 
 class GpuSampler:
     """GPU name, memory and mean utilisation through nvidia-ml-py, when a GPU is present."""
@@ -276,7 +267,7 @@ def run_target(target: Target, url: str, args, outdir: Path) -> list[dict]:
                            rate=kw.get("rate", 0.0), processes=args.processes)
         row = {**base, "scenario": scenario, "users": kw["users"], **s, **metrics_delta(before, scrape(url),
                                                                                          target.name),
-               "device": cpu_name(), **gpu.info()}
+               "device": m.get("device", "unknown"), **gpu.info()}
         if row["loadgen_cpu_max"] > 90:
             print(f"WARNING: the load generator used {row['loadgen_cpu_max']:.0f}% CPU: it may be the bottleneck; "
                   "use --processes N (or Locust's distributed mode) to drive more load", file=sys.stderr)
@@ -318,7 +309,7 @@ def write_report(rows: list[dict], outdir: Path, args, problems: list[str]) -> N
 
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "slo_ms": args.slo_ms,
             "max_failure_ratio": args.max_failure_ratio, "payload_source": args.payload_source,
-            "device": cpu_name(), "versions": versions(), "gate_problems": problems}
+            "device": rows[0]["device"] if rows else "unknown", "versions": versions(), "gate_problems": problems}
     (outdir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     plots(rows, outdir)
     (outdir / "report.md").write_text(to_markdown(rows, meta, best_within_slo(rows, args.slo_ms or 100.0)))
@@ -390,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict] = []
         for t in targets:
             if t.tag:
-                with tempfile.TemporaryDirectory() as work, serve(t, Path(work), options) as url:
+                with tempfile.TemporaryDirectory() as work, serve([t], Path(work), options) as url:
                     rows += run_target(t, url, args, outdir)
             else:
                 url = args.url.rstrip("/")

@@ -11,7 +11,7 @@ import numpy as np
 
 from service.config import ModelSpec
 from service.preprocessing import Preprocessing
-from service.runtime import ArtifactError, load_ort_model, verify_sha256
+from service.runtime import ArtifactError, cpu_name, gpu_name, load_ort_model, verify_sha256
 
 
 @dataclass
@@ -28,7 +28,8 @@ class LoadedModel:
         return {"name": self.spec.name, "tag": self.spec.tag, "backend": self.spec.backend, "provider": self.provider,
                 "precision": self.precision, "image_size": p.image_size, "input_size": p.input_size,
                 "classes": list(p.classes), "accuracy": self.info.get("accuracy"),
-                "sha256": self.info.get("sha256"), "size_bytes": self.info.get("size_bytes")}
+                "sha256": self.info.get("sha256"), "size_bytes": self.info.get("size_bytes"),
+                "device": cpu_name() if self.provider == "CPUExecutionProvider" else (gpu_name() or "GPU")}
 
 
 def model_info(stored) -> tuple[dict, Preprocessing, Path]:

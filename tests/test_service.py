@@ -3,11 +3,8 @@
 import io
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,17 +14,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from loadtest.run import Target, serve
 from service.preprocessing import decode_image, fit_image
 from service.runtime import open_artifact
 
 ROOT = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(seed: int = 0, size=(48, 40), fmt="PNG") -> bytes:
@@ -37,43 +29,24 @@ def png(seed: int = 0, size=(48, 40), fmt="PNG") -> bytes:
     return b.getvalue()
 
 
+SERVICE_OPTIONS = {"max_batch_size": 16, "max_latency_ms": 1000, "max_upload_mb": 0.5, "max_megapixels": 1.0,
+                   "max_batch_images": 4, "intra_op_threads": 1, "runner_threads": 8}
+TARGETS = [Target("tiny", "tiny-fp32:latest"), Target("tiny-int8", "tiny-int8:latest")]
+
+
 @pytest.fixture(scope="module")
 def service_env(exported, tmp_path_factory):
-    cfg = {"models": [{"name": "tiny", "tag": "tiny-fp32:latest"}, {"name": "tiny-int8", "tag": "tiny-int8:latest"}],
-           "max_batch_size": 16, "max_latency_ms": 300, "max_upload_mb": 0.5, "max_megapixels": 1.0,
-           "max_batch_images": 4, "intra_op_threads": 1, "runner_threads": 8}
     path = tmp_path_factory.mktemp("svc") / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump({"models": [{"name": t.name, "tag": t.tag} for t in TARGETS],
+                                    **SERVICE_OPTIONS}))
     return {**os.environ, "CIFAR_DEPLOY_CONFIG": str(path), "BENTOML_DO_NOT_TRACK": "true"}
 
 
 @pytest.fixture(scope="module")
-def server(service_env):
-    port = free_port()
-    log_path = Path(service_env["CIFAR_DEPLOY_CONFIG"]).with_name("serve.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([BENTOML, "serve", "service.service:CifarClassifier", "--port", str(port),
-                                 "--host", "127.0.0.1"], cwd=ROOT, env=service_env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited: {log_path.read_text()[-2000:]}")
-            if time.time() > deadline:
-                raise RuntimeError(f"service not ready in 90 s: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        with httpx.Client(base_url=url, timeout=30) as client:
-            yield client
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+def server(exported, tmp_path_factory):
+    with serve(TARGETS, tmp_path_factory.mktemp("serve"), SERVICE_OPTIONS, timeout=90) as url, \
+            httpx.Client(base_url=url, timeout=30) as client:
+        yield client
 
 
 def test_health_endpoints(server):
@@ -115,7 +88,7 @@ def test_models_endpoint(server, exported):
     assert models["tiny"]["sha256"] == manifest["artifacts"]["fp32"]["sha256"]
     assert models["tiny-int8"]["precision"] == "int8" and models["tiny"]["input_size"] == 32
     assert len(models["tiny"]["classes"]) == 10 and models["tiny"]["accuracy"] is not None
-    assert models["tiny"]["provider"] == "CPUExecutionProvider"
+    assert models["tiny"]["provider"] == "CPUExecutionProvider" and "cores" in models["tiny"]["device"]
 
 
 def test_batch_endpoint_answers_per_image(server):
