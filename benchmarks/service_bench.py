@@ -4,14 +4,13 @@ For each model, side by side in one run:
 - in-process ONNX Runtime (same artifact, threads and batch size as the service): images/s at the
   service's ``max_batch_size``, and p50 of one image decoded, preprocessed and classified;
 - the served model (``bentoml serve`` on loopback, models from the BentoML store): images/s with many
-  concurrent clients (async httpx), and p50 of sequential single requests.
+  concurrent Locust users, and p50 of sequential single requests (httpx).
 Writes ``benchmarks/service.{json,md}``. The clients run on the same cores as the service.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
@@ -23,7 +22,7 @@ import httpx
 import numpy as np
 
 from loadtest.payloads import load_payloads
-from loadtest.run import Target, serve
+from loadtest.run import Target, run_locust, serve
 from service.preprocessing import decode_image, fit_image
 from service.runtime import open_artifact
 
@@ -50,34 +49,19 @@ def inprocess(artifact: Path, fmt: str, payloads: list[bytes], batch: int, secon
     return {"inprocess_ips": ips, "inprocess_p50_ms": statistics.median(lat), "precision": entry["precision"]}
 
 
-async def served(url: str, model: str, payloads: list[bytes], clients: int, seconds: float) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=60,
-                                 limits=httpx.Limits(max_connections=clients + 4)) as client:
-        lat = []
-        for p in payloads[:100]:  # sequential single requests
+def served(url: str, model: str, payloads: list[bytes], payload_source: str, clients: int, seconds: float,
+           workdir: Path) -> dict:
+    """p50 of sequential single requests (httpx, exact timing) and images/s under ``clients`` concurrent
+    Locust users (FastHttpUser: a far lighter client than httpx on these shared cores)."""
+    lat = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for p in payloads[:100]:
             t = time.perf_counter()
-            r = await client.post("/classify", content=p, params={"model": model, "top_k": 1})
-            r.raise_for_status()
+            client.post("/classify", content=p, params={"model": model, "top_k": 1}).raise_for_status()
             lat.append(1e3 * (time.perf_counter() - t))
-        done, failures = 0, 0
-        stop = time.perf_counter() + seconds
-
-        async def worker(i: int) -> None:
-            nonlocal done, failures
-            j = i
-            while time.perf_counter() < stop:
-                r = await client.post("/classify", content=payloads[j % len(payloads)],
-                                      params={"model": model, "top_k": 1})
-                if r.status_code == 200:
-                    done += 1
-                else:
-                    failures += 1
-                j += clients
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in range(clients)))
-        elapsed = time.perf_counter() - t0
-    return {"served_ips": done / elapsed, "p50_ms": statistics.median(lat), "failures": failures}
+    s = run_locust(url, model, clients, seconds, workdir / "served", payload_source, top_k=1)
+    return {"served_ips": s["images_per_s"], "p50_ms": statistics.median(lat), "failures": s["failures"],
+            "requests": s["requests"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as work, serve([Target(name, tag)], Path(work), options) as url:
             for _ in range(10):  # warm-up
                 httpx.post(f"{url}/classify", content=payloads[0], params={"model": name}, timeout=60)
-            sv = asyncio.run(served(url, name, payloads, args.clients, args.seconds))
+            sv = served(url, name, payloads, args.payload_source, args.clients, args.seconds, Path(work))
         row = {"model": name, "backend": "onnxruntime", "precision": ip["precision"], "artifact": f"{art}:{fmt}",
                "input_size": manifest["preprocessing"]["input_size"], "batch_setting": args.batch,
                "clients": args.clients, "served_ips": round(sv["served_ips"], 1),
@@ -114,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["# Service benchmark", "", "Produced by `python benchmarks/service_bench.py`. Served throughput with "
-             f"{args.clients} concurrent async clients vs in-process ONNX Runtime at the same batch size "
+             f"{args.clients} concurrent Locust users vs in-process ONNX Runtime at the same batch size "
              f"({args.batch}); single-request p50 (sequential requests) vs one in-process decode + preprocess + "
              "inference. Clients, the HTTP entry and the runner share this machine's cores.", "",
              "| model | precision | px | batch | clients | served img/s | in-process img/s | ratio | p50 ms | "

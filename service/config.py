@@ -49,6 +49,7 @@ class ServiceConfig:
     max_batch_images: int = 64
     default_top_k: int = 5
     timeout_s: int = 30
+    access_log: bool = False  # one log line per request in each service: costs CPU under load
 
 
 def _parse_models(items) -> list[ModelSpec]:
@@ -96,7 +97,10 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
         value = env.get(f"CIFAR_DEPLOY_{name.upper()}", raw.get(name))
         if value is not None:
             try:
-                setattr(cfg, name, type(getattr(cfg, name))(value))
+                kind = type(getattr(cfg, name))
+                if kind is bool and isinstance(value, str):
+                    value = value.strip().lower() in ("1", "true", "yes", "on")
+                setattr(cfg, name, kind(value))
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{name}: {value!r} is not a valid {type(getattr(cfg, name)).__name__}") from e
     if cfg.max_batch_size < 1 or cfg.max_batch_images < 1 or cfg.default_top_k < 1:

@@ -85,7 +85,7 @@ for _spec in CONFIG.models:
     _attrs[f"infer_{_spec.key}"] = _infer_api(_spec)
 CifarRunner = bentoml.service(
     name="cifar_runner", workers=CONFIG.runner_workers, threads=CONFIG.runner_threads,
-    traffic={"timeout": CONFIG.timeout_s},
+    traffic={"timeout": CONFIG.timeout_s}, logging={"access": {"enabled": CONFIG.access_log}},
 )(type("CifarRunner", (_RunnerBase,), _attrs))
 
 app = FastAPI(title="cifar-deploy", description="CIFAR classifiers exported by cifar-deploy")
@@ -135,7 +135,7 @@ async def _uploads(request: Request, limit: int, max_files: int) -> list[tuple[s
 
 
 @bentoml.service(name="cifar_classifier", workers=CONFIG.api_workers, threads=CONFIG.api_threads,
-                 traffic={"timeout": CONFIG.timeout_s})
+                 traffic={"timeout": CONFIG.timeout_s}, logging={"access": {"enabled": CONFIG.access_log}})
 @bentoml.asgi_app(app, path="/")
 class CifarClassifier:
     runner = bentoml.depends(CifarRunner)
