@@ -122,10 +122,11 @@ def run_export(cfg: ExportConfig) -> dict:
     out = cfg.output_dir()
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
-    old = {}
+    old, old_pytorch_acc = {}, None
     if manifest_path.is_file() and not cfg.force:
         try:
-            old = json.loads(manifest_path.read_text()).get("artifacts", {})
+            previous = json.loads(manifest_path.read_text())
+            old, old_pytorch_acc = previous.get("artifacts", {}), previous.get("pytorch", {}).get("accuracy")
         except json.JSONDecodeError:
             print(f"WARNING: {manifest_path} is corrupt; re-exporting everything", file=sys.stderr)
     ckpt_sha = sha256_file(ckpt_path)
@@ -133,17 +134,24 @@ def run_export(cfg: ExportConfig) -> dict:
     x_test = pre.to_input(data.test_x)
     y_test = data.test_y
 
-    print(f"PyTorch reference on {len(y_test)} test images ({data.name})")
-    with torch.no_grad():
-        ref_logits = batched(lambda b: model(torch.from_numpy(b)).numpy(), x_test, desc="pytorch")
-    ref_pred = ref_logits.argmax(1)
-    ref_acc = float((ref_pred == y_test).mean())
+    ref: dict = {}
+
+    def reference() -> tuple[np.ndarray, np.ndarray, float]:
+        """PyTorch logits, predictions and accuracy on the test images: computed only when needed."""
+        if not ref:
+            print(f"PyTorch reference on {len(y_test)} test images ({data.name})")
+            with torch.no_grad():
+                ref["logits"] = batched(lambda b: model(torch.from_numpy(b)).numpy(), x_test, desc="pytorch")
+            ref["pred"] = ref["logits"].argmax(1)
+            ref["acc"] = float((ref["pred"] == y_test).mean())
+        return ref["logits"], ref["pred"], ref["acc"]
+
     manifest = {
         "format": MANIFEST_FORMAT, "run": mj.get("run", run_dir.name), "source_run": str(run_dir.resolve()),
         "checkpoint_sha256": ckpt_sha, "backbone": mj["backbone"], "head": mj["head"],
         "weights": mj.get("weights"), "dataset": data.name, "synthetic": data.synthetic,
         "preprocessing": pre.to_dict(), "eval_images": int(len(y_test)),
-        "pytorch": {"accuracy": ref_acc}, "tools": tool_versions(),
+        "pytorch": {"accuracy": old_pytorch_acc}, "tools": tool_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "artifacts": {},
     }
     arts = manifest["artifacts"]
@@ -170,6 +178,8 @@ def run_export(cfg: ExportConfig) -> dict:
                   f"top-1 agreement {scores['top1_agreement']:.4f}")
 
     def evaluate(fmt: str):
+        _, ref_pred, ref_acc = reference()
+        manifest["pytorch"]["accuracy"] = ref_acc
         m = load_ort_model(out / ARTIFACTS[fmt][0], threads=cfg.threads)
         logits = batched(m, x_test, desc=fmt)
         return logits, _scores(logits, y_test, ref_pred, ref_acc)
@@ -180,7 +190,7 @@ def run_export(cfg: ExportConfig) -> dict:
         print("exporting model.onnx (FP32, dynamic batch)")
         export_onnx(model, out / "model.onnx", artifact_metadata(pre, mj, "fp32", run_dir), opset=cfg.opset)
         logits, scores = evaluate("fp32")
-        max_diff = float(np.abs(logits - ref_logits).max())
+        max_diff = float(np.abs(logits - reference()[0]).max())
         if max_diff > MAX_ABS_DIFF or scores["top1_agreement"] < MIN_AGREEMENT:
             (out / "model.onnx").unlink()
             raise ExportError(f"FP32 ONNX parity failed: max |Δlogit| {max_diff:.2e} (limit {MAX_ABS_DIFF:.0e}), "
@@ -215,7 +225,7 @@ def run_export(cfg: ExportConfig) -> dict:
                             "keep_float_patterns": keep_patterns, "keep_float_nodes": len(keep)},
                qdq=quantize.qdq_summary(out / ARTIFACTS[fmt][0]))
 
-    _tensorrt(cfg, out, pre, arts, x_test, y_test, ref_pred, ref_acc)
+    _tensorrt(cfg, out, pre, arts, x_test, y_test, reference)
     atomic_write_json(manifest, manifest_path)
     if cfg.bentoml:
         save_to_bentoml(out, manifest)
@@ -240,7 +250,7 @@ def _calibration_batch(cfg: ExportConfig, data: CifarData, pre: Preprocessing) -
     return pre.to_input(data.train_x[idx])
 
 
-def _tensorrt(cfg, out: Path, pre: Preprocessing, arts: dict, x_test, y_test, ref_pred, ref_acc) -> None:
+def _tensorrt(cfg, out: Path, pre: Preprocessing, arts: dict, x_test, y_test, reference) -> None:
     wanted = [f for f in ("trt_fp16", "trt_int8") if f in cfg.formats]
     if not wanted:
         return
@@ -260,6 +270,7 @@ def _tensorrt(cfg, out: Path, pre: Preprocessing, arts: dict, x_test, y_test, re
                                 out / "timing.cache")
         runner = trt_engine.TrtRunner(plan)
         logits = batched(runner, x_test, batch=min(64, cfg.max_batch), desc=fmt)
+        _, ref_pred, ref_acc = reference()
         e = _scores(logits, y_test, ref_pred, ref_acc)
         name, precision, kind = ARTIFACTS[fmt]
         arts[fmt] = {"file": name, "format": kind, "precision": precision, "sha256": sha256_file(plan),

@@ -109,8 +109,10 @@ def test_rerun_skips_up_to_date_artifacts(exported, tiny_run, synthetic_dir, cap
     before = {f: (out / f).stat().st_mtime_ns for f in ("model.onnx", "model.int8.onnx")}
     again = run_export(ExportConfig(run_dir=str(tiny_run), out_dir=str(out), data_dir=str(synthetic_dir),
                                     calib_images=64, threads=2))
-    assert "up to date" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "up to date" in printed and "PyTorch reference" not in printed
     assert {f: (out / f).stat().st_mtime_ns for f in before} == before
+    assert again["pytorch"]["accuracy"] == manifest["pytorch"]["accuracy"]
     assert again["artifacts"]["int8"]["sha256"] == manifest["artifacts"]["int8"]["sha256"]
 
 
