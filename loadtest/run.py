@@ -83,8 +83,10 @@ def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None, l
 
 
 @contextlib.contextmanager
-def serve(targets: list[Target], workdir: Path, service_options: dict, timeout: float = 180):
-    """Start the service for these models on a loopback port; yield its URL; stop it afterwards."""
+def serve(targets: list[Target], workdir: Path, service_options: dict, timeout: float = 180,
+          bento: str = "service.service:CifarClassifier"):
+    """Start the service (source, or a built bento tag) for these models on a loopback port; yield its
+    URL; stop it afterwards."""
     cfg = {"models": [{"name": t.name, "tag": t.tag, "backend": t.backend} for t in targets], **service_options}
     stem = f"service-{targets[0].name}-{targets[0].backend}"
     cfg_path = workdir / f"{stem}.yaml"
@@ -93,7 +95,7 @@ def serve(targets: list[Target], workdir: Path, service_options: dict, timeout: 
     log = workdir / f"{stem}.log"
     env = {**os.environ, "CIFAR_DEPLOY_CONFIG": str(cfg_path), "BENTOML_DO_NOT_TRACK": "true"}
     with open(log, "w") as logf:
-        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "service.service:CifarClassifier", "--host",
+        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", bento, "--host",
                                  "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env, stdout=logf,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -337,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="*", default=[], help="name=bentoml_tag[@backend] entries to serve and test")
     p.add_argument("--config", help="YAML with any of these options (models: list of name=tag@backend)")
     p.add_argument("--url", help="test a running service instead (loopback or your own host)")
+    p.add_argument("--bento", default="service.service:CifarClassifier",
+                   help="what `bentoml serve` starts: the source service (default) or a built bento tag")
     p.add_argument("--model", action="append", default=[], help="with --url: model name(s) to test")
     p.add_argument("--payload-source", default="synthetic", help="cifar:PATH, dir:PATH or synthetic[:SIZE]")
     p.add_argument("--scenarios", nargs="+", default=["single", "server", "rate", "offline"],
@@ -381,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict] = []
         for t in targets:
             if t.tag:
-                with tempfile.TemporaryDirectory() as work, serve([t], Path(work), options) as url:
+                with tempfile.TemporaryDirectory() as work, serve([t], Path(work), options, bento=args.bento) as url:
                     rows += run_target(t, url, args, outdir)
             else:
                 url = args.url.rstrip("/")
