@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.runtime import ArtifactError, cpu_name, manifest_entry_json, open_artifact
+from service.runtime import ArtifactError, cpu_name, open_artifact, read_manifest
 from service.tensorrt_engine import unavailable_reason
 from training.errors import UserError
+from training.train import atomic_write_json
 
 FORMAT_LABELS = {"pytorch": "PyTorch eager FP32", "fp32": "ONNX Runtime FP32", "fp16": "ONNX Runtime FP16",
                  "int8": "ONNX Runtime INT8 (CPU Q/DQ)", "int8_trt": "ONNX Runtime INT8 (TensorRT Q/DQ)",
@@ -97,11 +98,10 @@ def _runners(artifact_dir: Path, manifest: dict, formats: list[str], threads: in
 
 def benchmark_model(artifact_dir: Path, batches: list[int], warmup: int, iters: int, min_seconds: float,
                     threads: int, formats: list[str], providers: list[str]) -> list[dict]:
-    from export.onnx_export import load_run  # noqa: F401  (fail early if training is broken)
     from service.preprocessing import Preprocessing
     from training.data import load_dataset
 
-    manifest = manifest_entry_json(artifact_dir / "manifest.json")
+    manifest = read_manifest(artifact_dir / "manifest.json")
     pre = Preprocessing.from_dict(manifest["preprocessing"])
     pretrained = not str(manifest.get("weights", "")).startswith("none")
     try:
@@ -230,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = {r["model"] for r in rows}
     rows = [r for r in old if r["model"] not in measured] + rows
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    os.replace(tmp, out.with_suffix(".json"))
+    atomic_write_json(rows, out.with_suffix(".json"))
     out.with_suffix(".md").write_text(to_markdown(rows))
     plot_pareto(rows, out.with_suffix(".png"), batch=max(args.batches))
     print(f"wrote {out}.json, {out}.md, {out}.png")

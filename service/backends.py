@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +63,3 @@ def load_model(spec: ModelSpec, stored, intra_op_threads: int = 0, warmup_batch:
         predict(np.zeros((n, *pre.input_shape), dtype=np.float32))
     return loaded
 
-
-def manifest_of(stored) -> dict:
-    """The export manifest packed beside the artifact (empty when absent)."""
-    p = Path(stored.path_of("manifest.json"))
-    return json.loads(p.read_text()) if p.is_file() else {}

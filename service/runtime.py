@@ -122,18 +122,8 @@ def load_ort_model(path: str | Path, providers: list[str] | None = None, threads
     return OrtModel(sess, used, Preprocessing.from_json(meta[METADATA_KEY]), sess.get_inputs()[0].name, path)
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata properties of an ONNX file, without loading weights into a session."""
-    import onnx
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise ArtifactError(f"cannot read ONNX file {path}: {type(e).__name__}: {e}") from e
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def manifest_entry_json(manifest_path: str | Path) -> dict:
+def read_manifest(manifest_path: str | Path) -> dict:
     """Read a manifest with a clear error when it is missing or corrupt."""
     p = Path(manifest_path)
     if not p.is_file():
@@ -149,7 +139,7 @@ def open_artifact(artifact_dir: str | Path, fmt: str = "fp32", providers: list[s
     """Load one ONNX artifact of an export folder after checking its sha256 against ``manifest.json``.
     Returns the model and its manifest entry."""
     artifact_dir = Path(artifact_dir)
-    manifest = manifest_entry_json(artifact_dir / "manifest.json")
+    manifest = read_manifest(artifact_dir / "manifest.json")
     entry = manifest.get("artifacts", {}).get(fmt)
     if not entry or "sha256" not in entry:
         have = [k for k, v in manifest.get("artifacts", {}).items() if "sha256" in v]

@@ -101,10 +101,14 @@ class RequestError(Exception):
         self.status, self.message, self.extra = status, message, extra
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+def _check_declared_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"payload of {int(declared)} bytes is over the {limit}-byte limit")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    _check_declared_length(request, limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -118,9 +122,7 @@ async def _uploads(request: Request, limit: int, max_files: int) -> list[tuple[s
     """(filename, bytes) of every file in a multipart form, or the raw body as one file."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, f"payload of {int(declared)} bytes is over the {limit}-byte limit")
+        _check_declared_length(request, limit)
         try:
             form = await request.form(max_files=max_files + 1, max_part_size=limit)
         except Exception as e:  # malformed multipart, too many parts
@@ -142,7 +144,8 @@ class CifarClassifier:
 
     def __init__(self) -> None:
         self._catalog: dict[str, dict] | None = None
-        self._names = [m.name for m in CONFIG.models]
+        self._specs = {m.name: m for m in CONFIG.models}
+        self._names = list(self._specs)
 
     def catalog(self) -> dict[str, dict]:
         if self._catalog is None:
@@ -157,16 +160,16 @@ class CifarClassifier:
             return False
         return True
 
-    def _model(self, name: str | None) -> dict:
+    def _model(self, name: str | None) -> tuple[ModelSpec, dict]:
         if not self._names:
             raise RequestError(503, "no models configured (see service/config.yaml)")
         name = name or self._names[0]
-        if name not in self._names:
+        if name not in self._specs:
             raise RequestError(404, f"unknown model {name!r}", models=self._names)
-        return self.catalog()[name]
+        return self._specs[name], self.catalog()[name]
 
     async def _classify(self, files: list[tuple[str, bytes]], model: str | None, top_k: int | None) -> dict:
-        m = self._model(model)
+        spec, m = self._model(model)
         k = top_k or CONFIG.default_top_k
         if k > len(m["classes"]):
             raise RequestError(422, f"top_k={k} is more than the {len(m['classes'])} classes of {m['name']}")
@@ -184,7 +187,7 @@ class CifarClassifier:
 
         images = await anyio.to_thread.run_sync(prepare)
         t1 = time.perf_counter()
-        infer = getattr(self.runner.to_async, f"infer_{ModelSpec(m['name'], '').key}")
+        infer = getattr(self.runner.to_async, f"infer_{spec.key}")
 
         async def call(batch: np.ndarray):
             # Pooled entry→runner connections are sometimes dropped by the runner (bentoml/BentoML#3669,
@@ -216,9 +219,9 @@ class CifarClassifier:
         limit = int(CONFIG.max_upload_mb * 2**20)
         try:
             files = await _uploads(request, limit, CONFIG.max_batch_images)
-            if len(files) > (CONFIG.max_batch_images if batch else 1):
-                n = CONFIG.max_batch_images if batch else 1
-                raise RequestError(413, f"{len(files)} images in one request; the limit is {n}"
+            most = CONFIG.max_batch_images if batch else 1
+            if len(files) > most:
+                raise RequestError(413, f"{len(files)} images in one request; the limit is {most}"
                                    + ("" if batch else " (use /classify_batch for several)"))
             out = await self._classify(files, model, top_k)
         except RequestError as e:
@@ -227,10 +230,8 @@ class CifarClassifier:
             response = error(503, f"inference unavailable: {type(e).__name__}: {e}")
             response.headers["Retry-After"] = "1"
             return response
-        if batch:
-            out["predictions"] = out.pop("results")
-        else:
-            out["predictions"] = out.pop("results")[0]
+        results = out.pop("results")
+        out["predictions"] = results if batch else results[0]
         return out
 
     @app.post("/classify")
