@@ -3,8 +3,10 @@
 For each model, side by side in one run:
 - in-process ONNX Runtime (same artifact, threads and batch size as the service): images/s at the
   service's ``max_batch_size``, and p50 of one image decoded, preprocessed and classified;
-- the served model (``bentoml serve`` on loopback, models from the BentoML store): images/s with many
-  concurrent Locust users, and p50 of sequential single requests (httpx).
+- the served model (``bentoml serve`` on loopback, models from the BentoML store), in each topology
+  (``split``: entry + runner services; ``inline``: one process): p50 of sequential single requests
+  (httpx), and images/s with many concurrent Locust users sending single images (``/classify``)
+  and with a few users sending ``max_batch_size`` images per request (``/classify_batch``).
 Writes ``benchmarks/service.{json,md}``. The clients run on the same cores as the service.
 """
 
@@ -25,12 +27,13 @@ from loadtest.payloads import load_payloads
 from loadtest.run import Target, run_locust, serve
 from service.preprocessing import decode_image, fit_image
 from service.runtime import open_artifact
+from training.train import atomic_write_json
 
 HERE = Path(__file__).resolve().parent
 
 
-def inprocess(artifact: Path, fmt: str, payloads: list[bytes], batch: int, seconds: float) -> dict:
-    model, entry = open_artifact(artifact, fmt)
+def inprocess(artifact: Path, fmt: str, payloads: list[bytes], batch: int, seconds: float, spinning: bool) -> dict:
+    model, entry = open_artifact(artifact, fmt, spinning=spinning)
     pre = model.preprocessing
     images = np.stack([fit_image(decode_image(p), pre.image_size) for p in payloads[:batch]])
     x = pre.to_input(images)
@@ -49,65 +52,90 @@ def inprocess(artifact: Path, fmt: str, payloads: list[bytes], batch: int, secon
     return {"inprocess_ips": ips, "inprocess_p50_ms": statistics.median(lat), "precision": entry["precision"]}
 
 
-def served(url: str, model: str, payloads: list[bytes], payload_source: str, clients: int, seconds: float,
-           workdir: Path) -> dict:
-    """p50 of sequential single requests (httpx, exact timing) and images/s under ``clients`` concurrent
-    Locust users (FastHttpUser: a far lighter client than httpx on these shared cores)."""
+def served(url: str, model: str, payloads: list[bytes], payload_source: str, workdir: Path,
+           loads: list[tuple[int, int]], seconds: float) -> tuple[float, list[dict]]:
+    """p50 of sequential single requests (httpx, exact timing), then images/s for each (clients, images
+    per request) load under Locust (FastHttpUser: a far lighter client than httpx on these shared cores)."""
     lat = []
     with httpx.Client(base_url=url, timeout=60) as client:
         for p in payloads[:100]:
             t = time.perf_counter()
             client.post("/classify", content=p, params={"model": model, "top_k": 1}).raise_for_status()
             lat.append(1e3 * (time.perf_counter() - t))
-    s = run_locust(url, model, clients, seconds, workdir / "served", payload_source, top_k=1)
-    return {"served_ips": s["images_per_s"], "p50_ms": statistics.median(lat), "failures": s["failures"],
-            "requests": s["requests"]}
+    out = []
+    for clients, per_request in loads:
+        endpoint = "classify" if per_request == 1 else "classify_batch"
+        s = run_locust(url, model, clients, seconds, workdir / f"served-{clients}x{per_request}", payload_source,
+                       endpoint=endpoint, batch_images=per_request, top_k=1)
+        out.append({"clients": clients, "images_per_request": per_request, "served_ips": s["images_per_s"],
+                    "failures": s["failures"], "failure_reasons": s["failure_reasons"], "requests": s["requests"],
+                    "served_p95_ms": s["p95_ms"]})
+    return statistics.median(lat), out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", required=True, help="NAME=ARTIFACT_DIR:FORMAT (format: fp32, int8 …)")
     p.add_argument("--payload-source", default="cifar:" + str(HERE.parent.parent / "shared" / "data"))
-    p.add_argument("--batch", type=int, default=32, help="service max_batch_size and in-process batch")
-    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32, help="service max_batch_size, in-process batch and images "
+                   "per /classify_batch request")
+    p.add_argument("--topologies", nargs="+", default=["split", "inline"], choices=["split", "inline"])
+    p.add_argument("--clients", type=int, default=32, help="concurrent users sending single images")
+    p.add_argument("--batch-clients", type=int, default=4, help="concurrent users sending batches")
     p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--ort-spinning", action="store_true", help="ONNX Runtime busy-waiting threads (service and "
+                   "in-process alike; default off, as in service/config.yaml)")
     p.add_argument("--out", default=str(HERE / "service"))
     args = p.parse_args(argv)
     payloads = load_payloads(args.payload_source, 256)
+    loads = [(args.clients, 1), (args.batch_clients, args.batch)]
     rows = []
     for spec in args.models:
         name, _, rest = spec.partition("=")
         art, _, fmt = rest.rpartition(":")
         manifest = json.loads((Path(art) / "manifest.json").read_text())
         tag = manifest["artifacts"][fmt]["bentoml_tag"]
-        ip = inprocess(Path(art), fmt, payloads, args.batch, args.seconds)
-        options = {"max_batch_size": args.batch, "max_latency_ms": 1000, "runner_threads": 4, "api_threads": 8}
-        with tempfile.TemporaryDirectory() as work, serve([Target(name, tag)], Path(work), options) as url:
-            for _ in range(10):  # warm-up
-                httpx.post(f"{url}/classify", content=payloads[0], params={"model": name}, timeout=60)
-            sv = served(url, name, payloads, args.payload_source, args.clients, args.seconds, Path(work))
-        row = {"model": name, "backend": "onnxruntime", "precision": ip["precision"], "artifact": f"{art}:{fmt}",
-               "input_size": manifest["preprocessing"]["input_size"], "batch_setting": args.batch,
-               "clients": args.clients, "served_ips": round(sv["served_ips"], 1),
-               "inprocess_ips": round(ip["inprocess_ips"], 1),
-               "ratio": round(sv["served_ips"] / ip["inprocess_ips"], 3),
-               "p50_ms": round(sv["p50_ms"], 2), "inprocess_p50_ms": round(ip["inprocess_p50_ms"], 2),
-               "overhead_p50_ms": round(sv["p50_ms"] - ip["inprocess_p50_ms"], 2), "failures": sv["failures"]}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        # in-process before and after the served runs: this shared machine's speed drifts; use the mean
+        before = inprocess(Path(art), fmt, payloads, args.batch, args.seconds, args.ort_spinning)
+        served_rows = []
+        for topology in args.topologies:
+            options = {"topology": topology, "max_batch_size": args.batch, "max_latency_ms": 1000,
+                       "runner_threads": 4, "api_threads": 8, "ort_spinning": args.ort_spinning}
+            with tempfile.TemporaryDirectory() as work, serve([Target(name, tag)], Path(work), options) as url:
+                for _ in range(10):  # warm-up
+                    httpx.post(f"{url}/classify", content=payloads[0], params={"model": name}, timeout=60)
+                p50, loaded = served(url, name, payloads, args.payload_source, Path(work), loads, args.seconds)
+            served_rows += [(topology, p50, sv) for sv in loaded]
+        after = inprocess(Path(art), fmt, payloads, args.batch, args.seconds, args.ort_spinning)
+        ip = {k: (before[k] + after[k]) / 2 for k in ("inprocess_ips", "inprocess_p50_ms")}
+        ip["precision"] = before["precision"]
+        for topology, p50, sv in served_rows:
+            row = {"model": name, "backend": "onnxruntime", "precision": ip["precision"],
+                   "artifact": f"{art}:{fmt}", "input_size": manifest["preprocessing"]["input_size"],
+                   "topology": topology, "batch_setting": args.batch, **sv,
+                   "served_ips": round(sv["served_ips"], 1), "inprocess_ips": round(ip["inprocess_ips"], 1),
+                   "ratio": round(sv["served_ips"] / ip["inprocess_ips"], 3), "p50_ms": round(p50, 2),
+                   "inprocess_p50_ms": round(ip["inprocess_p50_ms"], 2),
+                   "overhead_p50_ms": round(p50 - ip["inprocess_p50_ms"], 2),
+                   "inprocess_ips_before_after": [round(before["inprocess_ips"], 1), round(after["inprocess_ips"], 1)],
+                   "ort_spinning": args.ort_spinning}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["# Service benchmark", "", "Produced by `python benchmarks/service_bench.py`. Served throughput with "
-             f"{args.clients} concurrent Locust users vs in-process ONNX Runtime at the same batch size "
+    atomic_write_json(rows, out.with_suffix(".json"))
+    lines = ["# Service benchmark", "", "Produced by `python benchmarks/service_bench.py`. Served images/s under "
+             "concurrent Locust users vs in-process ONNX Runtime at the same batch size "
              f"({args.batch}); single-request p50 (sequential requests) vs one in-process decode + preprocess + "
-             "inference. Clients, the HTTP entry and the runner share this machine's cores.", "",
-             "| model | precision | px | batch | clients | served img/s | in-process img/s | ratio | p50 ms | "
-             "in-process p50 ms | overhead ms | failures |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "inference. Clients, the HTTP entry and the model share this machine's cores. Topology `split`: "
+             "entry + runner services (BentoML adaptive batching); `inline`: one process (in-process batching).",
+             "", "| model | precision | px | topology | batch | clients × images/request | served img/s | "
+             "in-process img/s | ratio | p50 ms | in-process p50 ms | overhead ms | failures |",
+             "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['precision']} | {r['input_size']} | {r['batch_setting']} | {r['clients']} | "
-                     f"{r['served_ips']} | {r['inprocess_ips']} | {r['ratio']} | {r['p50_ms']} | "
-                     f"{r['inprocess_p50_ms']} | {r['overhead_p50_ms']} | {r['failures']} |")
+        lines.append(f"| {r['model']} | {r['precision']} | {r['input_size']} | {r['topology']} | "
+                     f"{r['batch_setting']} | {r['clients']} × {r['images_per_request']} | {r['served_ips']} | "
+                     f"{r['inprocess_ips']} | {r['ratio']} | {r['p50_ms']} | {r['inprocess_p50_ms']} | "
+                     f"{r['overhead_p50_ms']} | {r['failures']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 

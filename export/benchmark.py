@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
-    measured = {r["model"] for r in rows}
-    rows = [r for r in old if r["model"] not in measured] + rows
+    measured = {r["run"] for r in rows}  # one run's rows replace that run's earlier rows
+    rows = [r for r in old if r.get("run") not in measured] + rows
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(rows, out.with_suffix(".json"))
     out.with_suffix(".md").write_text(to_markdown(rows))

@@ -41,12 +41,14 @@ def model_info(stored) -> tuple[dict, Preprocessing, Path]:
     return meta, pre, Path(stored.path_of(meta["file"]))
 
 
-def load_model(spec: ModelSpec, stored, intra_op_threads: int = 0, warmup_batch: int = 8) -> LoadedModel:
+def load_model(spec: ModelSpec, stored, intra_op_threads: int = 0, warmup_batch: int = 8,
+               ort_spinning: bool = True) -> LoadedModel:
     meta, pre, path = model_info(stored)
     if spec.backend.startswith("onnxruntime"):
         cuda = spec.backend == "onnxruntime-cuda"
         m = load_ort_model(path, ["cuda"] if cuda else ["cpu"], threads=intra_op_threads or None,
-                           expected_sha256=meta["sha256"], require=cuda)
+                           expected_sha256=meta["sha256"], require=cuda,
+                           spinning=ort_spinning)
         predict, provider = m, m.provider
     elif spec.backend == "tensorrt":
         from service.tensorrt_engine import TrtRunner, unavailable_reason

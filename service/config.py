@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
+TOPOLOGIES = ("split", "inline")
 DEFAULT_FILE = Path(__file__).with_name("config.yaml")
 
 
@@ -37,6 +38,9 @@ class ModelSpec:
 @dataclass
 class ServiceConfig:
     models: list[ModelSpec] = field(default_factory=list)
+    # split: HTTP entry + runner service (BentoML adaptive batching; runners scale per GPU);
+    # inline: one process decodes and runs the models (in-process batching; no internal HTTP hop)
+    topology: str = "inline"
     max_batch_size: int = 32
     max_latency_ms: int = 1000
     runner_workers: int = 1
@@ -44,6 +48,7 @@ class ServiceConfig:
     api_workers: int = 1
     api_threads: int = 8
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (all cores)
+    ort_spinning: bool = False  # ONNX Runtime threads busy-wait between calls (off: cores go to HTTP/decoding)
     max_upload_mb: float = 10.0
     max_megapixels: float = 40.0
     max_batch_images: int = 64
@@ -103,6 +108,8 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
                 setattr(cfg, name, kind(value))
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{name}: {value!r} is not a valid {type(getattr(cfg, name)).__name__}") from e
+    if cfg.topology not in TOPOLOGIES:
+        raise ConfigError(f"topology: {cfg.topology!r} is not one of {', '.join(TOPOLOGIES)}")
     if cfg.max_batch_size < 1 or cfg.max_batch_images < 1 or cfg.default_top_k < 1:
         raise ConfigError("max_batch_size, max_batch_images and default_top_k must be positive")
     return cfg

@@ -92,10 +92,15 @@ def decode_image(data: bytes, max_megapixels: float = 40.0):
     """Bytes → an RGB ``PIL.Image``: JPEG, PNG, WebP, BMP or the first frame of a GIF, any mode (RGBA
     and palette transparency composited on white, L, CMYK, 16-bit), EXIF orientation applied. The
     pixel count is checked from the header before anything is decoded (decompression bombs)."""
+    return load_rgb(open_image(data, max_megapixels))
+
+
+def open_image(data: bytes, max_megapixels: float = 40.0):
+    """Parse and check an image's header (format, pixel count); nothing is decoded yet (cheap)."""
     import io
     import warnings
 
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise ImageError("empty upload: expected an image file")
@@ -114,6 +119,13 @@ def decode_image(data: bytes, max_megapixels: float = 40.0):
     if megapixels > max_megapixels:
         raise ImageError(f"image too large: {im.width}x{im.height} = {megapixels:.1f} MP, over the "
                          f"{max_megapixels:g} MP limit", status=413)
+    return im
+
+
+def load_rgb(im):
+    """Decode an image from :func:`open_image` into RGB, EXIF orientation applied."""
+    from PIL import ImageOps
+
     try:
         im.seek(0)
         im.load()

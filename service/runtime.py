@@ -90,9 +90,10 @@ def resolve_providers(names: list[str] | None) -> list[str]:
 
 
 def load_ort_model(path: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                   expected_sha256: str | None = None, require: bool = False) -> OrtModel:
+                   expected_sha256: str | None = None, require: bool = False, spinning: bool = True) -> OrtModel:
     """Open an ONNX model with ONNX Runtime. ``require``: fail when the first provider asked for is not
-    the one in use (instead of only reporting it)."""
+    the one in use (instead of only reporting it). ``spinning``: ONNX Runtime's default busy-waiting
+    intra-op threads (fastest alone; turn off when other work shares the cores)."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -105,6 +106,8 @@ def load_ort_model(path: str | Path, providers: list[str] | None = None, threads
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:  # idle worker threads sleep instead of busy-waiting: leaves the cores to HTTP and decoding
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts,
@@ -135,7 +138,7 @@ def read_manifest(manifest_path: str | Path) -> dict:
 
 
 def open_artifact(artifact_dir: str | Path, fmt: str = "fp32", providers: list[str] | None = None,
-                  threads: int | None = None, require: bool = False) -> tuple[OrtModel, dict]:
+                  threads: int | None = None, require: bool = False, spinning: bool = True) -> tuple[OrtModel, dict]:
     """Load one ONNX artifact of an export folder after checking its sha256 against ``manifest.json``.
     Returns the model and its manifest entry."""
     artifact_dir = Path(artifact_dir)
@@ -147,5 +150,5 @@ def open_artifact(artifact_dir: str | Path, fmt: str = "fp32", providers: list[s
     if entry.get("format") != "onnx":
         raise ArtifactError(f"{fmt!r} in {artifact_dir} is a {entry.get('format')} artifact, not ONNX")
     model = load_ort_model(artifact_dir / entry["file"], providers, threads, expected_sha256=entry["sha256"],
-                           require=require)
+                           require=require, spinning=spinning)
     return model, entry

@@ -103,6 +103,10 @@ def test_service_config(tmp_path):
         load_config({"CIFAR_DEPLOY_MODELS": "a=x@tpu"})
     with pytest.raises(ConfigError, match="unique"):
         load_config({"CIFAR_DEPLOY_MODELS": "a=x,a=y"})
+    assert load_config({"CIFAR_DEPLOY_MODELS": "a=x"}).topology == "inline"
+    assert load_config({"CIFAR_DEPLOY_MODELS": "a=x", "CIFAR_DEPLOY_TOPOLOGY": "split"}).topology == "split"
+    with pytest.raises(ConfigError, match="topology"):
+        load_config({"CIFAR_DEPLOY_MODELS": "a=x", "CIFAR_DEPLOY_TOPOLOGY": "mesh"})
     bad = tmp_path / "c.yaml"
     bad.write_text("models: []\nmax_batch: 3\n")
     with pytest.raises(ConfigError, match="unknown configuration keys: max_batch"):

@@ -42,9 +42,11 @@ def service_env(exported, tmp_path_factory):
     return {**os.environ, "CIFAR_DEPLOY_CONFIG": str(path), "BENTOML_DO_NOT_TRACK": "true"}
 
 
-@pytest.fixture(scope="module")
-def server(exported, tmp_path_factory):
-    with serve(TARGETS, tmp_path_factory.mktemp("serve"), SERVICE_OPTIONS, timeout=90) as url, \
+@pytest.fixture(scope="module", params=["inline", "split"])
+def server(exported, tmp_path_factory, request):
+    """The service in each topology: one process (inline) and entry + runner services (split)."""
+    options = {**SERVICE_OPTIONS, "topology": request.param}
+    with serve(TARGETS, tmp_path_factory.mktemp("serve"), options, timeout=90) as url, \
             httpx.Client(base_url=url, timeout=30) as client:
         yield client
 

@@ -1,0 +1,353 @@
+"""The seeds' study, config-driven: ``python -m benchmarks.study configs/cpu-small.yaml`` (``make study``).
+
+For every experiment of the config: train (``training``), export every format (``export``), benchmark
+the formats side by side (``export.benchmark``), load-test the chosen formats over HTTP (``loadtest``),
+then write one report that puts the seeds' published figures (``configs/published.yaml``) beside ours:
+``<report>.md``, ``<report>.json`` and ``<report>.png``. Every stage skips work that is already done, so
+an interrupted study resumes where it stopped. ``--validate`` only checks the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from export.onnx_export import ExportError
+from service.runtime import ArtifactError
+from training.errors import UserError
+from training.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED = ROOT / "configs" / "published.yaml"
+EXPORT_FORMATS = ("fp32", "fp16", "int8", "int8_trt", "trt_fp16", "trt_int8")
+LOADTEST_KEYS = ("scenarios", "users", "single_seconds", "step_seconds", "warmup_seconds", "offline_batch",
+                 "offline_users", "rate", "slo_ms")
+
+
+@dataclass
+class Experiment:
+    name: str
+    train: TrainConfig
+    published: list[str] = field(default_factory=list)  # ids in configs/published.yaml
+    speed_only: bool = False  # random weights on purpose: size and speed rows, no accuracy claim
+    loadtest: bool = True
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    experiments: list[Experiment]
+    description: str = ""
+    data_dir: str | None = None
+    runs_dir: str = "runs/study"
+    artifacts_dir: str = "artifacts/study"
+    work_dir: str = "studies/study"
+    report: str = "benchmarks/study"
+    export: dict = field(default_factory=lambda: {"formats": ["fp32", "fp16", "int8"]})
+    benchmark: dict = field(default_factory=lambda: {"batches": [1, 32], "min_seconds": 2})
+    loadtest: dict = field(default_factory=lambda: {"formats": ["int8"], "scenarios": ["single", "offline"]})
+    published: dict = field(default_factory=dict)
+
+
+def _check_keys(where: str, raw: dict, allowed) -> None:
+    unknown = set(raw) - set(allowed)
+    if unknown:
+        raise UserError(f"{where}: unknown keys {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+
+
+def load_study(path: str | Path, published: str | Path = PUBLISHED, data_dir: str | None = None) -> StudyConfig:
+    """Read and fully validate a study config (every experiment's training config included)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        pub = yaml.safe_load(Path(published).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read {path} or {published}: {e}") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("experiments"), list) or not raw["experiments"]:
+        raise UserError(f"{path}: needs a mapping with a non-empty `experiments` list")
+    study_keys = {f.name for f in fields(StudyConfig)} | {"defaults"}
+    _check_keys(str(path), raw, study_keys - {"published"})
+    defaults = raw.get("defaults") or {}
+    train_keys = {f.name for f in fields(TrainConfig)} - {"name", "runs_dir", "resume", "data_dir"}
+    _check_keys(f"{path}: defaults", defaults, train_keys)
+    data = data_dir or os.environ.get("CIFAR_ROOT") or raw.get("data_dir")
+    runs_dir = raw.get("runs_dir", StudyConfig.runs_dir)
+    experiments = []
+    for i, e in enumerate(raw["experiments"]):
+        if not isinstance(e, dict) or not e.get("name"):
+            raise UserError(f"{path}: experiment {i} needs a name")
+        where = f"{path}: experiment {e['name']}"
+        meta = {"name", "published", "speed_only", "loadtest"}
+        _check_keys(where, e, meta | train_keys)
+        settings = {**defaults, **{k: v for k, v in e.items() if k not in meta}}
+        cfg = TrainConfig(**settings, name=e["name"], runs_dir=runs_dir, resume=True, data_dir=data)
+        try:
+            cfg.validate()
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from err
+        refs = list(e.get("published") or [])
+        missing = [r for r in refs if r not in pub]
+        if missing:
+            raise UserError(f"{where}: unknown published figures {missing}; see {published}")
+        experiments.append(Experiment(e["name"], cfg, refs, bool(e.get("speed_only", False)),
+                                      bool(e.get("loadtest", True))))
+    names = [e.name for e in experiments]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: experiment names must be unique")
+    study = StudyConfig(**{k: v for k, v in raw.items() if k not in ("experiments", "defaults")},
+                        experiments=experiments, published=pub)
+    study.data_dir = data
+    bad = set(study.export.get("formats", [])) - set(EXPORT_FORMATS)
+    if bad:
+        raise UserError(f"{path}: export formats {sorted(bad)} unknown; valid: {', '.join(EXPORT_FORMATS)}")
+    _check_keys(f"{path}: loadtest", study.loadtest, set(LOADTEST_KEYS) | {"formats"})
+    if not set(study.loadtest.get("formats", ["int8"])) <= set(study.export.get("formats", [])):
+        raise UserError(f"{path}: loadtest formats must be among the exported formats")
+    _check_keys(f"{path}: benchmark", study.benchmark, {"batches", "min_seconds", "iters", "warmup"})
+    return study
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _say(msg: str) -> None:
+    print(f"\n=== {msg}", flush=True)
+
+
+def train_all(study: StudyConfig, only: set[str] | None) -> None:
+    from training.train import Trainer
+
+    for i, e in enumerate(study.experiments, 1):
+        if only and e.name not in only:
+            continue
+        _say(f"[{i}/{len(study.experiments)}] train {e.name}")
+        Trainer(e.train).run()  # resume=True: a finished run is reused, an interrupted one continues
+
+
+def export_all(study: StudyConfig, only: set[str] | None) -> list[Path]:
+    from export.exporter import ExportConfig, run_export
+
+    dirs = []
+    for i, e in enumerate(study.experiments, 1):
+        out = Path(study.artifacts_dir) / e.name
+        dirs.append(out)
+        if only and e.name not in only:
+            continue
+        _say(f"[{i}/{len(study.experiments)}] export {e.name}")
+        run_export(ExportConfig(run_dir=str(Path(study.runs_dir) / e.name), out_dir=str(out),
+                                data_dir=study.data_dir, formats=list(study.export.get("formats", ["fp32"])),
+                                eval_limit=64 if e.speed_only else None))
+    return dirs
+
+
+def benchmark_all(study: StudyConfig, dirs: list[Path]) -> Path:
+    from export import benchmark
+
+    _say("benchmark every format side by side")
+    out = Path(study.work_dir) / "export"
+    b = study.benchmark
+    argv = [*map(str, dirs), "--out", str(out), "--batches", *map(str, b.get("batches", [1, 32])),
+            "--min-seconds", str(b.get("min_seconds", 2))]
+    argv += [x for k in ("iters", "warmup") if k in b for x in (f"--{k}", str(b[k]))]
+    if benchmark.main(argv) != 0:
+        raise UserError("export benchmark failed (see above)")
+    return out.with_suffix(".json")
+
+
+def loadtest_all(study: StudyConfig) -> Path | None:
+    from loadtest import run
+
+    models = []
+    for e in study.experiments:
+        if not e.loadtest:
+            continue
+        manifest = json.loads((Path(study.artifacts_dir) / e.name / "manifest.json").read_text())
+        for fmt in study.loadtest.get("formats", ["int8"]):
+            models.append(f"{e.name}-{fmt}={manifest['artifacts'][fmt]['bentoml_tag']}")
+    if not models:
+        return None
+    _say(f"load test {len(models)} served models")
+    lt = study.loadtest
+    argv = ["--models", *models, "--reports-dir", str(Path(study.work_dir) / "loadtest"),
+            "--payload-source", f"cifar:{study.data_dir}" if study.data_dir else "synthetic"]
+    for k in LOADTEST_KEYS:
+        if k in lt:
+            v = lt[k]
+            argv += [f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, list) else [v])]
+    code = run.main(argv)
+    if code == 2:
+        raise UserError("load test failed (see above)")
+    return Path(study.work_dir) / "loadtest" / "latest" / "results.json"
+
+
+# --------------------------------------------------------------------------- report
+
+
+def collect(study: StudyConfig, export_json: Path | None, loadtest_json: Path | None) -> list[dict]:
+    """One record per experiment: training metrics, export rows, load-test rows, the seeds' figures."""
+    exports = json.loads(export_json.read_text()) if export_json and export_json.is_file() else []
+    lt = json.loads(loadtest_json.read_text())["rows"] if loadtest_json and loadtest_json.is_file() else []
+    out = []
+    for e in study.experiments:
+        mfile = Path(study.runs_dir) / e.name / "metrics.json"
+        m = json.loads(mfile.read_text()) if mfile.is_file() else {}
+        formats = [dict(r) for r in exports if r.get("run") == e.name]
+        if not e.speed_only:  # export.benchmark hides accuracy of any random-init run; a trained one has it
+            afile = Path(study.artifacts_dir) / e.name / "manifest.json"
+            arts = json.loads(afile.read_text()).get("artifacts", {}) if afile.is_file() else {}
+            for r in formats:
+                acc = m.get("test_accuracy") if r["format"] == "pytorch" else arts.get(r["format"], {}).get("accuracy")
+                r["accuracy"] = r["accuracy"] if r.get("accuracy") is not None else acc
+        out.append({
+            "experiment": e.name, "speed_only": e.speed_only, "model": e.train.model, "weights": m.get("weights"),
+            "dataset": m.get("dataset", e.train.dataset), "strategy": e.train.strategy,
+            "input_size": m.get("input_size", e.train.input_size), "epochs": m.get("epochs_run"),
+            "batch_size": e.train.batch_size, "optimizer": e.train.optimizer,
+            "train_seconds": m.get("train_seconds"), "test_accuracy": m.get("test_accuracy"),
+            "macro_recall": m.get("test_macro_recall"), "macro_f1": m.get("test_macro_f1"),
+            "params_total": m.get("params_total"), "device": m.get("device"),
+            "formats": formats,
+            "loadtest": [r for r in lt if r["model"].startswith(f"{e.name}-")],
+            "published": [{"id": p, **study.published[p]} for p in e.published],
+        })
+    return out
+
+
+def _f(v, spec: str = ".4f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _best(rows: list[dict], key: str, **match) -> dict | None:
+    rows = [r for r in rows if all(r.get(k) == v for k, v in match.items()) and r.get(key) is not None]
+    return max(rows, key=lambda r: r[key]) if rows else None
+
+
+def to_markdown(study: StudyConfig, records: list[dict]) -> str:
+    lines = [f"# Study `{study.name}`", "", study.description, "",
+             f"Produced by `python -m benchmarks.study configs/{study.name}.yaml`. Device: "
+             f"{next((r['device'] for r in records if r['device']), '?')}. Rows marked *speed only* carry random "
+             "weights on purpose (no ImageNet weights offline): their accuracy says nothing.", "",
+             "## Accuracy and training time, ours beside the seeds'", "",
+             "| experiment | model | weights | data | strategy | px | epochs | batch | optimizer | train s | "
+             "test acc | macro F1 | seed figure | seed acc | seed train s | seed setting |",
+             "|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---|"]
+    for r in records:
+        acc = "*speed only*" if r["speed_only"] else _f(r["test_accuracy"])
+        f1 = "–" if r["speed_only"] else _f(r["macro_f1"])
+        pubs = r["published"] or [{}]
+        for j, p in enumerate(pubs):
+            ours = [r["experiment"], r["model"], str(r["weights"]), str(r["dataset"]), r["strategy"],
+                    str(r["input_size"]), str(r["epochs"]), str(r["batch_size"]), r["optimizer"],
+                    _f(r["train_seconds"], ".0f"), acc, f1] if j == 0 else [""] * 12
+            lines.append("| " + " | ".join([*ours, p.get("id", "–"), _f(p.get("test_accuracy")),
+                                            _f(p.get("train_seconds"), ".0f"), p.get("setting", "")]) + " |")
+    lines += ["", "## Formats (ONNX Runtime; batch 32 throughput, batch 1 latency)", "",
+              "| experiment | format | size MB | accuracy | img/s (b32) | p50 ms (b1) |",
+              "|---|---|---:|---:|---:|---:|"]
+    for r in records:
+        for fmt in dict.fromkeys(x["format_label"] for x in r["formats"]):
+            big = _best(r["formats"], "throughput_ips", format_label=fmt, batch=32) or {}
+            one = _best(r["formats"], "throughput_ips", format_label=fmt, batch=1) or {}
+            acc = "–" if r["speed_only"] else _f(big.get("accuracy") or one.get("accuracy"))
+            lines.append(f"| {r['experiment']} | {fmt} | {_f(big.get('size_mb') or one.get('size_mb'), '.1f')} | "
+                         f"{acc} | {_f(big.get('throughput_ips'), '.1f')} | {_f(one.get('p50_ms'), '.2f')} |")
+    lines += ["", "## Served over HTTP (BentoML, Locust on the same machine)", "",
+              "| experiment | served model | scenario | users | img/s | p50 ms | p95 ms | failures |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in records:
+        for x in r["loadtest"]:
+            lines.append(f"| {r['experiment']} | {x['model']} | {x['scenario']} | {x['users']} | "
+                         f"{x['images_per_s']:.1f} | {_f(x['p50_ms'], '.0f')} | {_f(x['p95_ms'], '.0f')} | "
+                         f"{x['failures']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Left: our test accuracy beside the seeds' figures. Right: accuracy vs INT8 img/s (batch 32)."""
+    from matplotlib.ticker import NullFormatter
+
+    from training.report import plt, save_figure
+
+    acc = [r for r in records if not r["speed_only"] and r["test_accuracy"] is not None]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = [r["experiment"] for r in acc]
+    x = range(len(acc))
+    ax1.bar([i - 0.2 for i in x], [r["test_accuracy"] for r in acc], width=0.4, label="ours")
+    seed = [max((p.get("test_accuracy") or 0 for p in r["published"]), default=0) for r in acc]
+    ax1.bar([i + 0.2 for i in x], seed, width=0.4, label="seed (best cited)", color="tab:gray")
+    ax1.set_xticks(list(x), names, rotation=20, ha="right")
+    ax1.set(ylim=(0, 1), ylabel="test accuracy", title="accuracy: ours vs the seeds'")
+    ax1.legend()
+    for r in acc:
+        best = _best(r["formats"], "throughput_ips", batch=32, precision="int8") or \
+            _best(r["formats"], "throughput_ips", batch=32)
+        if best:
+            ax2.scatter(best["throughput_ips"], r["test_accuracy"])
+            ax2.annotate(r["experiment"], (best["throughput_ips"], r["test_accuracy"]), fontsize=8)
+    ax2.set(xscale="log", xlabel="images/s, best format, batch 32", ylabel="test accuracy",
+            title="accuracy vs throughput (this machine)")
+    ax2.xaxis.set_minor_formatter(NullFormatter())
+    save_figure(fig, path)
+
+
+def write_report(study: StudyConfig, records: list[dict]) -> Path:
+    from training.train import atomic_write_json
+
+    out = Path(study.report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json({"study": study.name, "description": study.description, "records": records},
+                      out.with_suffix(".json"))
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(to_markdown(study, records))
+    tmp.replace(out.with_suffix(".md"))
+    plot(records, out.with_suffix(".png"))
+    return out.with_suffix(".md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="a study config, e.g. configs/cpu-small.yaml")
+    p.add_argument("--data-dir", default=None, help="CIFAR folder (default: $CIFAR_ROOT, else the config's)")
+    p.add_argument("--only", nargs="+", default=None, help="run these experiments only (the report covers all)")
+    p.add_argument("--validate", action="store_true", help="check the config and exit")
+    p.add_argument("--skip-loadtest", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from finished stages")
+    args = p.parse_args(argv)
+    try:
+        study = load_study(args.config, data_dir=args.data_dir)
+        if args.validate:
+            print(f"{args.config}: valid ({len(study.experiments)} experiments)")
+            return 0
+        only = set(args.only) if args.only else None
+        work = Path(study.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "config.json").write_text(json.dumps(
+            {"study": study.name, "experiments": [{**asdict(e.train), "published": e.published}
+                                                  for e in study.experiments]}, indent=1, default=str))
+        export_json, lt_json = work / "export.json", work / "loadtest" / "latest" / "results.json"
+        if not args.report_only:
+            train_all(study, only)
+            dirs = export_all(study, only)
+            export_json = benchmark_all(study, [d for e, d in zip(study.experiments, dirs, strict=True)
+                                                if not only or e.name in only])
+            if not args.skip_loadtest:
+                lt_json = loadtest_all(study) or lt_json
+        report = write_report(study, collect(study, export_json, lt_json))
+    except (UserError, ArtifactError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
