@@ -21,7 +21,7 @@ import yaml
 from export.onnx_export import ExportError
 from service.runtime import ArtifactError
 from training.errors import UserError
-from training.train import TrainConfig
+from training.train import TrainConfig, atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ROOT / "configs" / "published.yaml"
@@ -299,8 +299,6 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def write_report(study: StudyConfig, records: list[dict]) -> Path:
-    from training.train import atomic_write_json
-
     out = Path(study.report)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json({"study": study.name, "description": study.description, "records": records},
@@ -330,9 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         only = set(args.only) if args.only else None
         work = Path(study.work_dir)
         work.mkdir(parents=True, exist_ok=True)
-        (work / "config.json").write_text(json.dumps(
-            {"study": study.name, "experiments": [{**asdict(e.train), "published": e.published}
-                                                  for e in study.experiments]}, indent=1, default=str))
+        atomic_write_json({"study": study.name, "experiments": [{**asdict(e.train), "published": e.published}
+                                                               for e in study.experiments]}, work / "config.json")
         export_json, lt_json = work / "export.json", work / "loadtest" / "latest" / "results.json"
         if not args.report_only:
             train_all(study, only)

@@ -34,7 +34,7 @@ RUNNER_ATTEMPTS = 3
 INLINE_DECODE_PIXELS = 256 * 256  # a lone image this small decodes on the event loop: cheaper than a thread hop
 
 INFERENCE_SECONDS = bentoml.metrics.Histogram(
-    name="cifar_inference_seconds", documentation="Model inference time per batch (runner, preprocessed input)",
+    name="cifar_inference_seconds", documentation="Model inference time per batch (preprocessing to tensor + model)",
     labelnames=["model", "backend"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
