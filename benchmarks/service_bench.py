@@ -1,8 +1,10 @@
 """Service overhead benchmark: ``python benchmarks/service_bench.py --models NAME=ARTIFACT_DIR:FORMAT …``.
 
-For each model, side by side in one run:
-- in-process ONNX Runtime (same artifact, threads and batch size as the service): images/s at the
-  service's ``max_batch_size``, and p50 of one image decoded, preprocessed and classified;
+For each model and each session configuration (``--configs``: model instances × ONNX Runtime
+threads each), side by side in one run:
+- in-process ONNX Runtime with the same artifact and sessions as the service (as many threads as
+  instances, each running its own session at the service's ``max_batch_size``): images/s, and p50 of
+  one image decoded, preprocessed and classified; measured before and after the served runs;
 - the served model (``bentoml serve`` on loopback, models from the BentoML store), in each topology
   (``split``: entry + runner services; ``inline``: one process): p50 of sequential single requests
   (httpx), and images/s with many concurrent Locust users sending single images (``/classify``)
@@ -13,10 +15,13 @@ Writes ``benchmarks/service.{json,md}``. The clients run on the same cores as th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,24 +31,38 @@ import numpy as np
 from loadtest.payloads import load_payloads
 from loadtest.run import Target, run_locust, serve
 from service.preprocessing import decode_image, fit_image
-from service.runtime import open_artifact
+from service.runtime import cpu_name, open_artifact
 from training.train import atomic_write_json
 
 HERE = Path(__file__).resolve().parent
 
 
-def inprocess(artifact: Path, fmt: str, payloads: list[bytes], batch: int, seconds: float, spinning: bool) -> dict:
-    model, entry = open_artifact(artifact, fmt, spinning=spinning)
+def inprocess(artifact: Path, fmt: str, payloads: list[bytes], batch: int, seconds: float, spinning: bool,
+              instances: int = 1, threads: int = 0) -> dict:
+    """Images/s of ``instances`` sessions (``threads`` each; 0: all cores) run from as many threads at
+    once on one batch, and p50 of one image decoded, preprocessed and classified by one session."""
+    sessions = [open_artifact(artifact, fmt, threads=threads or None, spinning=spinning) for _ in range(instances)]
+    model, entry = sessions[0]
     pre = model.preprocessing
     images = np.stack([fit_image(decode_image(p), pre.image_size) for p in payloads[:batch]])
     x = pre.to_input(images)
-    for _ in range(3):
-        model(x)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        model(x)
-        n += 1
-    ips = n * batch / (time.perf_counter() - t0)
+    for m, _ in sessions:
+        for _ in range(3):
+            m(x)
+    counts = [0] * instances
+    t0 = time.perf_counter()
+
+    def loop(i: int) -> None:
+        while time.perf_counter() - t0 < seconds:
+            sessions[i][0](x)
+            counts[i] += 1
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(instances)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    ips = sum(counts) * batch / (time.perf_counter() - t0)
     lat = []
     for p in payloads[:200]:
         t = time.perf_counter()
@@ -80,13 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32, help="service max_batch_size, in-process batch and images "
                    "per /classify_batch request")
     p.add_argument("--topologies", nargs="+", default=["split", "inline"], choices=["split", "inline"])
+    p.add_argument("--configs", nargs="+", default=["1x0", f"{os.cpu_count()}x1"],
+                   help="session configurations INSTANCESxTHREADS (model_instances × intra_op_threads; 0 threads: "
+                   "all cores); default: one session on all cores, and one single-threaded session per core")
     p.add_argument("--clients", type=int, default=32, help="concurrent users sending single images")
     p.add_argument("--batch-clients", type=int, default=4, help="concurrent users sending batches")
     p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--repeats", type=int, default=1, help="served runs per (config, topology), each between two "
+                   "in-process runs; the table shows medians (this shared machine's speed drifts)")
     p.add_argument("--ort-spinning", action="store_true", help="ONNX Runtime busy-waiting threads (service and "
                    "in-process alike; default off, as in service/config.yaml)")
     p.add_argument("--out", default=str(HERE / "service"))
     args = p.parse_args(argv)
+    try:
+        configs = [tuple(int(v) for v in c.lower().split("x")) for c in args.configs]
+        if any(len(c) != 2 or c[0] < 1 or c[1] < 0 for c in configs):
+            raise ValueError
+    except ValueError:
+        p.error(f"--configs takes INSTANCESxTHREADS such as 1x0 or 2x1, got {args.configs}")
     payloads = load_payloads(args.payload_source, 256)
     loads = [(args.clients, 1), (args.batch_clients, args.batch)]
     rows = []
@@ -95,44 +125,65 @@ def main(argv: list[str] | None = None) -> int:
         art, _, fmt = rest.rpartition(":")
         manifest = json.loads((Path(art) / "manifest.json").read_text())
         tag = manifest["artifacts"][fmt]["bentoml_tag"]
-        # in-process before and after the served runs: this shared machine's speed drifts; use the mean
-        before = inprocess(Path(art), fmt, payloads, args.batch, args.seconds, args.ort_spinning)
-        served_rows = []
-        for topology in args.topologies:
-            options = {"topology": topology, "max_batch_size": args.batch, "max_latency_ms": 1000,
-                       "runner_threads": 4, "api_threads": 8, "ort_spinning": args.ort_spinning}
-            with tempfile.TemporaryDirectory() as work, serve([Target(name, tag)], Path(work), options) as url:
-                for _ in range(10):  # warm-up
-                    httpx.post(f"{url}/classify", content=payloads[0], params={"model": name}, timeout=60)
-                p50, loaded = served(url, name, payloads, args.payload_source, Path(work), loads, args.seconds)
-            served_rows += [(topology, p50, sv) for sv in loaded]
-        after = inprocess(Path(art), fmt, payloads, args.batch, args.seconds, args.ort_spinning)
-        ip = {k: (before[k] + after[k]) / 2 for k in ("inprocess_ips", "inprocess_p50_ms")}
-        ip["precision"] = before["precision"]
-        for topology, p50, sv in served_rows:
-            row = {"model": name, "backend": "onnxruntime", "precision": ip["precision"],
-                   "artifact": f"{art}:{fmt}", "input_size": manifest["preprocessing"]["input_size"],
-                   "topology": topology, "batch_setting": args.batch, **sv,
-                   "served_ips": round(sv["served_ips"], 1), "inprocess_ips": round(ip["inprocess_ips"], 1),
-                   "ratio": round(sv["served_ips"] / ip["inprocess_ips"], 3), "p50_ms": round(p50, 2),
-                   "inprocess_p50_ms": round(ip["inprocess_p50_ms"], 2),
-                   "overhead_p50_ms": round(p50 - ip["inprocess_p50_ms"], 2),
-                   "inprocess_ips_before_after": [round(before["inprocess_ips"], 1), round(after["inprocess_ips"], 1)],
-                   "ort_spinning": args.ort_spinning}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for instances, threads in configs:
+            local = functools.partial(inprocess, Path(art), fmt, payloads, args.batch, args.seconds,
+                                      args.ort_spinning, instances, threads)
+            ips = [local()]
+            runs: dict[tuple[str, int, int], list[dict]] = {}
+            for _ in range(args.repeats):
+                measured = []
+                for topology in args.topologies:
+                    options = {"topology": topology, "max_batch_size": args.batch, "max_latency_ms": 10000,
+                               "runner_threads": 4, "api_threads": 8, "ort_spinning": args.ort_spinning,
+                               "model_instances": instances, "intra_op_threads": threads}
+                    with tempfile.TemporaryDirectory() as work, \
+                            serve([Target(name, tag)], Path(work), options) as url:
+                        for _ in range(10):  # warm-up
+                            httpx.post(f"{url}/classify", content=payloads[0], params={"model": name}, timeout=60)
+                        p50, loaded = served(url, name, payloads, args.payload_source, Path(work), loads,
+                                             args.seconds)
+                    measured += [(topology, p50, sv) for sv in loaded]
+                ips.append(local())
+                # each served run against the mean of the in-process runs just before and after it
+                ref = {k: (ips[-2][k] + ips[-1][k]) / 2 for k in ("inprocess_ips", "inprocess_p50_ms")}
+                for topology, p50, sv in measured:
+                    runs.setdefault((topology, sv["clients"], sv["images_per_request"]), []).append(
+                        {**sv, "p50_ms": p50, **ref, "ratio": sv["served_ips"] / ref["inprocess_ips"],
+                         "overhead_p50_ms": p50 - ref["inprocess_p50_ms"]})
+            for (topology, _, _), reps in runs.items():
+                def med(key: str, reps=reps) -> float:
+                    return statistics.median(r[key] for r in reps)
+
+                row = {"model": name, "backend": "onnxruntime", "precision": ips[0]["precision"],
+                       "artifact": f"{art}:{fmt}", "input_size": manifest["preprocessing"]["input_size"],
+                       "instances": instances, "threads": threads, "topology": topology,
+                       "batch_setting": args.batch, **reps[-1], "repeats": len(reps),
+                       "failures": sum(r["failures"] for r in reps),
+                       **{k: round(med(k), 3 if k == "ratio" else 1 if k.endswith("ips") else 2)
+                          for k in ("served_ips", "inprocess_ips", "ratio", "p50_ms", "inprocess_p50_ms",
+                                    "overhead_p50_ms")},
+                       "ratios": [round(r["ratio"], 3) for r in reps],
+                       "inprocess_ips_runs": [round(r["inprocess_ips"], 1) for r in ips],
+                       "ort_spinning": args.ort_spinning}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     out = Path(args.out)
     atomic_write_json(rows, out.with_suffix(".json"))
     lines = ["# Service benchmark", "", "Produced by `python benchmarks/service_bench.py`. Served images/s under "
              "concurrent Locust users vs in-process ONNX Runtime at the same batch size "
              f"({args.batch}); single-request p50 (sequential requests) vs one in-process decode + preprocess + "
              "inference. Clients, the HTTP entry and the model share this machine's cores. Topology `split`: "
-             "entry + runner services (BentoML adaptive batching); `inline`: one process (in-process batching).",
-             "", "| model | precision | px | topology | batch | clients × images/request | served img/s | "
+             "entry + runner services (BentoML adaptive batching); `inline`: one process (in-process batching). "
+             "Sessions: model instances × ONNX Runtime threads each (all: every core), the same in-process and "
+             f"served. Medians of {args.repeats} served run(s) per row, each against the in-process runs just "
+             f"before and after it. `max_latency_ms` 10000: nothing is shed, so throughput counts every image; "
+             f"failed requests never count. CPU: {cpu_name()}.",
+             "", "| model | precision | px | sessions | topology | batch | clients × images/request | served img/s | "
              "in-process img/s | ratio | p50 ms | in-process p50 ms | overhead ms | failures |",
-             "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['precision']} | {r['input_size']} | {r['topology']} | "
+        sessions = f"{r['instances']} × {r['threads'] or 'all'}"
+        lines.append(f"| {r['model']} | {r['precision']} | {r['input_size']} | {sessions} | {r['topology']} | "
                      f"{r['batch_setting']} | {r['clients']} × {r['images_per_request']} | {r['served_ips']} | "
                      f"{r['inprocess_ips']} | {r['ratio']} | {r['p50_ms']} | {r['inprocess_p50_ms']} | "
                      f"{r['overhead_p50_ms']} | {r['failures']} |")

@@ -205,16 +205,24 @@ def run_locust(url: str, model: str, users: int, seconds: float, prefix: Path, p
             total = ps.cpu_percent(None) + sum(c.cpu_percent(None) for c in ps.children(recursive=True))
             cpu_max = max(cpu_max, total / max(1, processes or 1))
     output = proc.stdout.read() if proc.stdout else ""
+    stats = read_stats(prefix, endpoint, batch_images if endpoint == "classify_batch" else 1,
+                       f"exit {proc.returncode}:\n{output[-3000:]}")
+    return {**stats, "loadgen_cpu_max": round(cpu_max, 1)}
+
+
+def read_stats(prefix: Path, endpoint: str, images_per_request: int, context: str = "") -> dict:
+    """The ``/endpoint`` row of Locust's ``PREFIX_stats.csv`` (and the reasons in ``_failures.csv``).
+    Throughput counts answered requests only: shed or failed ones (4xx/5xx) are not served images."""
     stats_file = Path(f"{prefix}_stats.csv")
     if not stats_file.exists():
-        raise LoadTestError(f"Locust wrote no statistics (exit {proc.returncode}):\n{output[-3000:]}")
+        raise LoadTestError(f"Locust wrote no statistics ({context})")
     row = None
     with open(stats_file) as f:
         for r in csv.DictReader(f):
-            if r["Name"].startswith(f"/{endpoint}"):
+            if r["Name"] == f"/{endpoint}" or r["Name"].startswith(f"/{endpoint} "):  # "/classify [model]"
                 row = r
     if row is None:
-        raise LoadTestError(f"no /{endpoint} requests were made (see {stats_file}):\n{output[-3000:]}")
+        raise LoadTestError(f"no /{endpoint} requests were made (see {stats_file}; {context})")
     n, fails = int(row["Request Count"]), int(row["Failure Count"])
     rps = float(row["Requests/s"])
     failures_file = Path(f"{prefix}_failures.csv")
@@ -222,11 +230,11 @@ def run_locust(url: str, model: str, users: int, seconds: float, prefix: Path, p
     if failures_file.exists():
         with open(failures_file) as f:
             reasons = [f"{r['Occurrences']}× {r['Error'][:200]}" for r in csv.DictReader(f)]
+    ok_rps = rps * (n - fails) / n if n else 0.0
     return {"requests": n, "failures": fails, "failure_ratio": fails / n if n else 1.0, "rps": rps,
-            "images_per_s": rps * (batch_images if endpoint == "classify_batch" else 1),
+            "ok_rps": ok_rps, "images_per_s": ok_rps * images_per_request,
             **{f"p{p}_ms": _num(row.get(f"{p}%")) for p in (50, 90, 95, 99)},
-            "mean_ms": _num(row.get("Average Response Time")), "loadgen_cpu_max": round(cpu_max, 1),
-            "failure_reasons": reasons}
+            "mean_ms": _num(row.get("Average Response Time")), "failure_reasons": reasons}
 
 
 def _num(v) -> float | None:

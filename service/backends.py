@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ class LoadedModel:
     provider: str
     precision: str
     info: dict  # manifest entry of the artifact (accuracy, sha256, size …)
+    instances: int = 1  # independent copies serving calls in parallel
 
     def describe(self) -> dict:
         p = self.preprocessing
@@ -28,7 +30,28 @@ class LoadedModel:
                 "precision": self.precision, "image_size": p.image_size, "input_size": p.input_size,
                 "classes": list(p.classes), "accuracy": self.info.get("accuracy"),
                 "sha256": self.info.get("sha256"), "size_bytes": self.info.get("size_bytes"),
+                "instances": self.instances,
                 "device": cpu_name() if self.provider == "CPUExecutionProvider" else (gpu_name() or "GPU")}
+
+
+class InstancePool:
+    """Independent copies of one predictor (e.g. ONNX Runtime sessions); each call takes a free copy, so
+    up to ``len(members)`` calls run at once from different threads."""
+
+    def __init__(self, members: list[Callable[[np.ndarray], np.ndarray]]):
+        if not members:
+            raise ValueError("an instance pool needs at least one member")
+        self.size = len(members)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for m in members:
+            self._free.put(m)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        member = self._free.get()
+        try:
+            return member(x)
+        finally:
+            self._free.put(member)
 
 
 def model_info(stored) -> tuple[dict, Preprocessing, Path]:
@@ -42,26 +65,32 @@ def model_info(stored) -> tuple[dict, Preprocessing, Path]:
 
 
 def load_model(spec: ModelSpec, stored, intra_op_threads: int = 0, warmup_batch: int = 8,
-               ort_spinning: bool = True) -> LoadedModel:
+               ort_spinning: bool = True, instances: int = 1) -> LoadedModel:
+    """``instances`` independent copies (sessions, engine contexts) serve calls from as many threads at
+    once; with ``intra_op_threads`` each, they share the cores (e.g. 2 × 1 thread on 2 cores)."""
+    if instances < 1:
+        raise ArtifactError(f"model {spec.name}: instances must be at least 1, got {instances}")
     meta, pre, path = model_info(stored)
-    if spec.backend.startswith("onnxruntime"):
-        cuda = spec.backend == "onnxruntime-cuda"
-        m = load_ort_model(path, ["cuda"] if cuda else ["cpu"], threads=intra_op_threads or None,
-                           expected_sha256=meta["sha256"], require=cuda,
-                           spinning=ort_spinning)
-        predict, provider = m, m.provider
-    elif spec.backend == "tensorrt":
-        from service.tensorrt_engine import TrtRunner, unavailable_reason
+    verify_sha256(path, meta["sha256"])
+    members = []
+    for _ in range(instances):
+        if spec.backend.startswith("onnxruntime"):
+            cuda = spec.backend == "onnxruntime-cuda"
+            m = load_ort_model(path, ["cuda"] if cuda else ["cpu"], threads=intra_op_threads or None,
+                               require=cuda, spinning=ort_spinning)
+            provider = m.provider
+        elif spec.backend == "tensorrt":
+            from service.tensorrt_engine import TrtRunner, unavailable_reason
 
-        reason = unavailable_reason()
-        if reason:
-            raise ArtifactError(f"model {spec.name}: backend tensorrt unavailable: {reason}")
-        verify_sha256(path, meta["sha256"])
-        predict, provider = TrtRunner(path), "TensorRT"
-    else:
-        raise ArtifactError(f"model {spec.name}: unknown backend {spec.backend}")
-    loaded = LoadedModel(spec, pre, predict, provider, str(meta.get("precision", "?")), meta)
-    for n in (1, warmup_batch):  # warm-up: first calls allocate and pick kernels
-        predict(np.zeros((n, *pre.input_shape), dtype=np.float32))
-    return loaded
+            reason = unavailable_reason()
+            if reason:
+                raise ArtifactError(f"model {spec.name}: backend tensorrt unavailable: {reason}")
+            m, provider = TrtRunner(path), "TensorRT"
+        else:
+            raise ArtifactError(f"model {spec.name}: unknown backend {spec.backend}")
+        for n in (1, warmup_batch):  # warm-up: first calls allocate and pick kernels
+            m(np.zeros((n, *pre.input_shape), dtype=np.float32))
+        members.append(m)
+    predict = members[0] if instances == 1 else InstancePool(members)
+    return LoadedModel(spec, pre, predict, provider, str(meta.get("precision", "?")), meta, instances)
 

@@ -48,6 +48,7 @@ class ServiceConfig:
     api_workers: int = 1
     api_threads: int = 8
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (all cores)
+    model_instances: int = 1  # sessions per model run in parallel, each with intra_op_threads threads
     ort_spinning: bool = False  # ONNX Runtime threads busy-wait between calls (off: cores go to HTTP/decoding)
     max_upload_mb: float = 10.0
     max_megapixels: float = 40.0
@@ -110,6 +111,6 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
                 raise ConfigError(f"{name}: {value!r} is not a valid {type(getattr(cfg, name)).__name__}") from e
     if cfg.topology not in TOPOLOGIES:
         raise ConfigError(f"topology: {cfg.topology!r} is not one of {', '.join(TOPOLOGIES)}")
-    if cfg.max_batch_size < 1 or cfg.max_batch_images < 1 or cfg.default_top_k < 1:
-        raise ConfigError("max_batch_size, max_batch_images and default_top_k must be positive")
+    if min(cfg.max_batch_size, cfg.max_batch_images, cfg.default_top_k, cfg.model_instances) < 1:
+        raise ConfigError("max_batch_size, max_batch_images, default_top_k and model_instances must be positive")
     return cfg

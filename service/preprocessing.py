@@ -78,6 +78,7 @@ class Preprocessing:
 # --------------------------------------------------------------------------- decoding uploads
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageError(ValueError):
@@ -129,7 +130,8 @@ def load_rgb(im):
     try:
         im.seek(0)
         im.load()
-        im = ImageOps.exif_transpose(im)
+        if im.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies the image even when upright
+            im = ImageOps.exif_transpose(im)
         return _to_rgb(im)
     except ImageError:
         raise
@@ -151,7 +153,7 @@ def _to_rgb(im):
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im)
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def fit_image(im, size: int) -> np.ndarray:

@@ -13,6 +13,7 @@ Bad input is answered with a 4xx JSON error, never a 500.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import aiohttp
@@ -48,6 +49,12 @@ BATCH_SIZE = bentoml.metrics.Histogram(
 )
 
 
+def _dropped_connection(e: BaseException) -> bool:
+    """aiohttp's two ways of saying the runner closed a pooled connection (while sending, while reading)."""
+    return isinstance(e, aiohttp.ClientConnectionError) or (isinstance(e, RuntimeError)
+                                                            and str(e) == "Connection closed.")
+
+
 def _model_attr(spec: ModelSpec) -> str:
     return f"model_{spec.key}"
 
@@ -64,7 +71,8 @@ def _run(m: LoadedModel, images: np.ndarray) -> np.ndarray:
 def _load_all(service) -> dict[str, LoadedModel]:
     """Load and warm up every configured model from the service's BentoModel references."""
     return {spec.name: load_model(spec, getattr(service, _model_attr(spec)), CONFIG.intra_op_threads,
-                                  warmup_batch=min(8, CONFIG.max_batch_size), ort_spinning=CONFIG.ort_spinning)
+                                  warmup_batch=min(8, CONFIG.max_batch_size), ort_spinning=CONFIG.ort_spinning,
+                                  instances=CONFIG.model_instances)
             for spec in CONFIG.models}
 
 
@@ -158,7 +166,8 @@ class CifarClassifier:
             models = _load_all(self)
             self._catalog = {name: m.describe() for name, m in models.items()}
             self._batchers = {name: MicroBatcher(lambda x, m=m: _run(m, x), CONFIG.max_batch_size,
-                                                 CONFIG.max_latency_ms, name=m.spec.key)
+                                                 CONFIG.max_latency_ms, name=m.spec.key,
+                                                 workers=CONFIG.model_instances)
                               for name, m in models.items()}
 
     def catalog(self) -> dict[str, dict]:
@@ -192,8 +201,8 @@ class CifarClassifier:
         for attempt in range(RUNNER_ATTEMPTS):
             try:
                 return await infer(images)
-            except aiohttp.ClientConnectionError:
-                if attempt == RUNNER_ATTEMPTS - 1:
+            except Exception as e:
+                if not _dropped_connection(e) or attempt == RUNNER_ATTEMPTS - 1:
                     raise
                 RUNNER_RETRIES.labels(model=spec.name).inc()
 
@@ -204,19 +213,28 @@ class CifarClassifier:
             raise RequestError(422, f"top_k={k} is more than the {len(m['classes'])} classes of {m['name']}")
         t0 = time.perf_counter()
 
-        def fit(i: int, fname: str, data: bytes, small_only: bool = False) -> np.ndarray | None:
+        @contextlib.contextmanager
+        def reported(i: int, fname: str):
             try:
-                im = open_image(data, CONFIG.max_megapixels)
-                if small_only and im.width * im.height > INLINE_DECODE_PIXELS:
-                    return None
-                return fit_image(load_rgb(im), m["image_size"])
+                yield
             except ImageError as e:
                 where = f"image {i} ({fname})" if len(files) > 1 else "image"
                 raise RequestError(e.status, f"{where}: {e}") from e
 
-        one = fit(0, *files[0], small_only=True) if len(files) == 1 else None
-        if one is not None:
-            images = one[None]
+        def fit(i: int, fname: str, data: bytes, im=None) -> np.ndarray:
+            """One upload → uint8 (S, S, 3); ``im``: its header, when already opened."""
+            with reported(i, fname):
+                return fit_image(load_rgb(open_image(data, CONFIG.max_megapixels) if im is None else im),
+                                 m["image_size"])
+
+        if len(files) == 1:  # a lone small image decodes on the event loop: cheaper than a thread hop
+            fname, data = files[0]
+            with reported(0, fname):
+                im = open_image(data, CONFIG.max_megapixels)
+            if im.width * im.height <= INLINE_DECODE_PIXELS:
+                images = fit(0, fname, data, im)[None]
+            else:
+                images = (await anyio.to_thread.run_sync(fit, 0, fname, data, im))[None]
         else:
             images = await anyio.to_thread.run_sync(
                 lambda: np.stack([fit(i, fname, data) for i, (fname, data) in enumerate(files)]))
@@ -227,16 +245,17 @@ class CifarClassifier:
         t2 = time.perf_counter()
         z = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        results = []
-        for p in probs:
-            top = np.argsort(-p)[:k]
-            results.append([{"label": m["classes"][j], "score": float(p[j])} for j in top])
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        scores = np.take_along_axis(probs, top, axis=1).tolist()
+        classes = m["classes"]
+        results = [[{"label": classes[j], "score": v} for j, v in zip(row, vals, strict=True)]
+                   for row, vals in zip(top.tolist(), scores, strict=True)]
         return {"model": m["name"], "backend": m["backend"], "provider": m["provider"],
                 "precision": m["precision"], "results": results,
                 "timing_ms": {"decode": 1e3 * (t1 - t0), "inference": 1e3 * (t2 - t1),
                               "total": 1e3 * (time.perf_counter() - t0)}}
 
-    async def _handle(self, request: Request, model: str | None, top_k: int | None, batch: bool):
+    async def handle(self, request: Request, model: str | None, top_k: int | None, batch: bool) -> JSONResponse:
         limit = int(CONFIG.max_upload_mb * 2**20)
         try:
             files = await _uploads(request, limit, CONFIG.max_batch_images)
@@ -253,27 +272,38 @@ class CifarClassifier:
             return response
         results = out.pop("results")
         out["predictions"] = results if batch else results[0]
-        return out
+        return JSONResponse(out)  # plain JSON types already: skips FastAPI's per-element encoder
 
-    @app.post("/classify")
-    async def classify(self, request: Request, model: str | None = Query(None),
-                       top_k: int | None = Query(None, ge=1, le=1000)):
-        """One image (multipart file field or raw body) → top-k labels and scores."""
-        return await self._handle(request, model, top_k, batch=False)
+    def listing(self) -> dict:
+        return {"models": list(self.catalog().values()), "default": self._names[0] if self._names else None}
 
-    @app.post("/classify_batch")
-    async def classify_batch(self, request: Request, model: str | None = Query(None),
-                             top_k: int | None = Query(None, ge=1, le=1000)):
-        """Several images (multipart file fields) → one prediction list per image, in order."""
-        return await self._handle(request, model, top_k, batch=True)
 
-    @app.get("/models")
-    def models(self):
-        """Every served model with its backend, precision, input size, classes, accuracy and sha256."""
-        try:
-            return {"models": list(self.catalog().values()), "default": self._names[0] if self._names else None}
-        except Exception as e:
-            return error(503, f"models not loaded yet: {type(e).__name__}: {e}")
+# Routes are module functions that look the service instance up, not BentoML class views: a class
+# view resolves ``self`` through a sync FastAPI dependency, a thread-pool hop on every request.
+def _classifier() -> CifarClassifier:
+    return bentoml.get_current_service()
+
+
+@app.post("/classify")
+async def classify(request: Request, model: str | None = Query(None), top_k: int | None = Query(None, ge=1, le=1000)):
+    """One image (multipart file field or raw body) → top-k labels and scores."""
+    return await _classifier().handle(request, model, top_k, batch=False)
+
+
+@app.post("/classify_batch")
+async def classify_batch(request: Request, model: str | None = Query(None),
+                         top_k: int | None = Query(None, ge=1, le=1000)):
+    """Several images (multipart file fields) → one prediction list per image, in order."""
+    return await _classifier().handle(request, model, top_k, batch=True)
+
+
+@app.get("/models")
+def models():
+    """Every served model with its backend, precision, input size, classes, accuracy and sha256."""
+    try:
+        return _classifier().listing()
+    except Exception as e:
+        return error(503, f"models not loaded yet: {type(e).__name__}: {e}")
 
 
 if CONFIG.topology == "inline":

@@ -3,10 +3,12 @@
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from service.backends import InstancePool
 from service.batching import MicroBatcher, Overloaded
 
 
@@ -103,3 +105,63 @@ def test_oversized_calls_are_refused():
 
     with pytest.raises(ValueError, match="1 to 2"):
         run(main())
+
+
+def test_workers_run_calls_at_once_and_each_caller_gets_its_rows():
+    barrier = threading.Barrier(2, timeout=5)  # breaks (an error) unless two calls are in flight together
+    calls = []
+
+    def fn(x):
+        calls.append(len(x))
+        if len(calls) <= 2:
+            barrier.wait()
+        return x + 1
+
+    async def main():
+        b = MicroBatcher(fn, max_batch_size=4, max_latency_ms=5000, workers=2)
+        out = await asyncio.gather(*(b(np.full((1, 1), i)) for i in range(6)))
+        b.close()
+        return out
+
+    out = run(main())
+    assert [o.tolist() for o in out] == [[[i + 1]] for i in range(6)]
+    assert sum(calls) == 6
+
+
+def test_one_worker_never_overlaps_calls():
+    busy, overlaps = threading.Lock(), []
+
+    def fn(x):
+        if not busy.acquire(blocking=False):
+            overlaps.append(len(x))
+            return x
+        time.sleep(0.01)
+        busy.release()
+        return x
+
+    async def main():
+        b = MicroBatcher(fn, max_batch_size=1, max_latency_ms=5000)
+        await asyncio.gather(*(b(np.zeros((1, 1))) for _ in range(5)))
+        b.close()
+
+    run(main())
+    assert overlaps == []
+
+
+def test_instance_pool_hands_each_concurrent_call_a_different_member():
+    barrier = threading.Barrier(2, timeout=5)
+    used = []
+
+    def member(tag):
+        def call(x):
+            used.append(tag)
+            barrier.wait()  # both members must be in use at the same moment
+            return x * tag
+        return call
+
+    pool = InstancePool([member(2), member(3)])
+    with ThreadPoolExecutor(2) as ex:
+        out = sorted(int(r[0]) for r in ex.map(pool, [np.ones(1), np.ones(1)]))
+    assert out == [2, 3] and sorted(used) == [2, 3]
+    with pytest.raises(ValueError):
+        InstancePool([])

@@ -5,7 +5,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from loadtest.payloads import PayloadError, load_payloads
-from loadtest.run import LoadTestError, gate, main, parse_targets
+from loadtest.run import LoadTestError, gate, main, parse_targets, read_stats
 from loadtest.validation import validate
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -130,3 +130,18 @@ def test_malformed_answers_count_as_failures(tmp_path):
     row = json.loads((tmp_path / "reports" / "latest" / "results.json").read_text())["rows"][0]
     assert row["requests"] > 0 and row["failures"] == row["requests"]
     assert any("outside" in r or "unknown labels" in r for r in row["failure_reasons"])
+
+
+def test_throughput_counts_answered_requests_only(tmp_path):
+    header = "Type,Name,Request Count,Failure Count,Requests/s,Average Response Time,50%,90%,95%,99%\n"
+    (tmp_path / "r_stats.csv").write_text(header + "POST,/classify_batch [m],10,4,2.0,120,100,150,170,200\n"
+                                          "POST,Aggregated,10,4,2.0,120,100,150,170,200\n")
+    (tmp_path / "r_failures.csv").write_text("Method,Name,Error,Occurrences\nPOST,/classify_batch,HTTP 503,4\n")
+    s = read_stats(tmp_path / "r", "classify_batch", 32)
+    assert s["failures"] == 4 and s["failure_ratio"] == pytest.approx(0.4)
+    assert s["images_per_s"] == pytest.approx(2.0 * 0.6 * 32)  # 6 of 10 answered, 32 images each
+    assert s["failure_reasons"] == ["4× HTTP 503"] and s["p95_ms"] == 170
+    with pytest.raises(LoadTestError, match="no /classify requests"):
+        read_stats(tmp_path / "r", "classify", 1)
+    with pytest.raises(LoadTestError, match="no statistics"):
+        read_stats(tmp_path / "missing", "classify", 1)

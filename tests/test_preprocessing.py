@@ -107,6 +107,9 @@ def test_service_config(tmp_path):
     assert load_config({"CIFAR_DEPLOY_MODELS": "a=x", "CIFAR_DEPLOY_TOPOLOGY": "split"}).topology == "split"
     with pytest.raises(ConfigError, match="topology"):
         load_config({"CIFAR_DEPLOY_MODELS": "a=x", "CIFAR_DEPLOY_TOPOLOGY": "mesh"})
+    assert load_config({"CIFAR_DEPLOY_MODELS": "a=x", "CIFAR_DEPLOY_MODEL_INSTANCES": "2"}).model_instances == 2
+    with pytest.raises(ConfigError, match="model_instances must be positive"):
+        load_config({"CIFAR_DEPLOY_MODELS": "a=x", "CIFAR_DEPLOY_MODEL_INSTANCES": "0"})
     bad = tmp_path / "c.yaml"
     bad.write_text("models: []\nmax_batch: 3\n")
     with pytest.raises(ConfigError, match="unknown configuration keys: max_batch"):

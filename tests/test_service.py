@@ -30,7 +30,8 @@ def png(seed: int = 0, size=(48, 40), fmt="PNG") -> bytes:
 
 
 SERVICE_OPTIONS = {"max_batch_size": 16, "max_latency_ms": 1000, "max_upload_mb": 0.5, "max_megapixels": 1.0,
-                   "max_batch_images": 4, "intra_op_threads": 1, "runner_threads": 8}
+                   "max_batch_images": 4, "intra_op_threads": 1, "runner_threads": 8,
+                   "model_instances": 2}
 TARGETS = [Target("tiny", "tiny-fp32:latest"), Target("tiny-int8", "tiny-int8:latest")]
 
 
@@ -91,6 +92,7 @@ def test_models_endpoint(server, exported):
     assert models["tiny-int8"]["precision"] == "int8" and models["tiny"]["input_size"] == 32
     assert len(models["tiny"]["classes"]) == 10 and models["tiny"]["accuracy"] is not None
     assert models["tiny"]["provider"] == "CPUExecutionProvider" and "cores" in models["tiny"]["device"]
+    assert models["tiny"]["instances"] == 2
 
 
 def test_batch_endpoint_answers_per_image(server):
