@@ -31,7 +31,7 @@ import numpy as np
 from loadtest.payloads import load_payloads
 from loadtest.run import Target, run_locust, serve
 from service.preprocessing import decode_image, fit_image
-from service.runtime import cpu_name, open_artifact
+from service.runtime import cpu_name, load_ort_model, open_artifact
 from training.train import atomic_write_json
 
 HERE = Path(__file__).resolve().parent
@@ -41,12 +41,13 @@ def inprocess(artifact: Path, fmt: str, payloads: list[bytes], batch: int, secon
               instances: int = 1, threads: int = 0) -> dict:
     """Images/s of ``instances`` sessions (``threads`` each; 0: all cores) run from as many threads at
     once on one batch, and p50 of one image decoded, preprocessed and classified by one session."""
-    sessions = [open_artifact(artifact, fmt, threads=threads or None, spinning=spinning) for _ in range(instances)]
-    model, entry = sessions[0]
+    model, entry = open_artifact(artifact, fmt, threads=threads or None, spinning=spinning)  # sha256 checked once
+    sessions = [model] + [load_ort_model(model.path, threads=threads or None, spinning=spinning)
+                          for _ in range(instances - 1)]
     pre = model.preprocessing
     images = np.stack([fit_image(decode_image(p), pre.image_size) for p in payloads[:batch]])
     x = pre.to_input(images)
-    for m, _ in sessions:
+    for m in sessions:
         for _ in range(3):
             m(x)
     counts = [0] * instances
@@ -54,7 +55,7 @@ def inprocess(artifact: Path, fmt: str, payloads: list[bytes], batch: int, secon
 
     def loop(i: int) -> None:
         while time.perf_counter() - t0 < seconds:
-            sessions[i][0](x)
+            sessions[i](x)
             counts[i] += 1
 
     workers = [threading.Thread(target=loop, args=(i,)) for i in range(instances)]

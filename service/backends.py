@@ -41,7 +41,6 @@ class InstancePool:
     def __init__(self, members: list[Callable[[np.ndarray], np.ndarray]]):
         if not members:
             raise ValueError("an instance pool needs at least one member")
-        self.size = len(members)
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for m in members:
             self._free.put(m)
@@ -72,22 +71,27 @@ def load_model(spec: ModelSpec, stored, intra_op_threads: int = 0, warmup_batch:
         raise ArtifactError(f"model {spec.name}: instances must be at least 1, got {instances}")
     meta, pre, path = model_info(stored)
     verify_sha256(path, meta["sha256"])
-    members = []
-    for _ in range(instances):
-        if spec.backend.startswith("onnxruntime"):
-            cuda = spec.backend == "onnxruntime-cuda"
+    if spec.backend.startswith("onnxruntime"):
+        cuda = spec.backend == "onnxruntime-cuda"
+
+        def make() -> tuple[Callable[[np.ndarray], np.ndarray], str]:
             m = load_ort_model(path, ["cuda"] if cuda else ["cpu"], threads=intra_op_threads or None,
                                require=cuda, spinning=ort_spinning)
-            provider = m.provider
-        elif spec.backend == "tensorrt":
-            from service.tensorrt_engine import TrtRunner, unavailable_reason
+            return m, m.provider
+    elif spec.backend == "tensorrt":
+        from service.tensorrt_engine import TrtRunner, unavailable_reason
 
-            reason = unavailable_reason()
-            if reason:
-                raise ArtifactError(f"model {spec.name}: backend tensorrt unavailable: {reason}")
-            m, provider = TrtRunner(path), "TensorRT"
-        else:
-            raise ArtifactError(f"model {spec.name}: unknown backend {spec.backend}")
+        reason = unavailable_reason()
+        if reason:
+            raise ArtifactError(f"model {spec.name}: backend tensorrt unavailable: {reason}")
+
+        def make() -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+            return TrtRunner(path), "TensorRT"
+    else:
+        raise ArtifactError(f"model {spec.name}: unknown backend {spec.backend}")
+    members = []
+    for _ in range(instances):
+        m, provider = make()
         for n in (1, warmup_batch):  # warm-up: first calls allocate and pick kernels
             m(np.zeros((n, *pre.input_shape), dtype=np.float32))
         members.append(m)
