@@ -5,16 +5,15 @@ threads each), side by side in one run:
 - in-process ONNX Runtime with the same artifact and sessions as the service (as many threads as
   instances, each running its own session at the service's ``max_batch_size``): images/s, and p50 of
   one image decoded, preprocessed and classified; measured before and after the served runs;
-- the served model (``bentoml serve`` on loopback, models from the BentoML store), in each topology
-  (``split``: entry + runner services; ``inline``: one process): p50 of sequential single requests
-  (httpx), and images/s with many concurrent Locust users sending single images (``/classify``)
-  and with a few users sending ``max_batch_size`` images per request (``/classify_batch``).
+- the served model (``bentoml serve`` on loopback, models from the BentoML store, batched in-process):
+  p50 of sequential single requests (httpx), and images/s with many concurrent Locust users sending
+  single images (``/classify``) and with a few users sending ``max_batch_size`` images per request
+  (``/classify_batch``).
 Writes ``benchmarks/service.{json,md}``. The clients run on the same cores as the service.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -23,16 +22,18 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from loadtest.locust_runner import run_locust
 from loadtest.payloads import load_payloads
-from loadtest.run import Target, run_locust, serve
+from loadtest.server import serve
 from service.preprocessing import decode_image, fit_image
-from service.runtime import cpu_name, load_ort_model, open_artifact
-from training.train import atomic_write_json
+from service.runtime import load_ort_model, open_artifact
+from utils import ModelRef, UserError, atomic_write, atomic_write_json, config_parser, cpu_name, parse_config, run_cli
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,7 +81,8 @@ def served(url: str, model: str, payloads: list[bytes], payload_source: str, wor
     with httpx.Client(base_url=url, timeout=60) as client:
         for p in payloads[:100]:
             t = time.perf_counter()
-            client.post("/classify", content=p, params={"model": model, "top_k": 1}).raise_for_status()
+            client.post("/classify", files={"image": ("x.png", p, "image/png")},
+                        data={"model": model, "top_k": "1"}).raise_for_status()
             lat.append(1e3 * (time.perf_counter() - t))
     out = []
     for clients, per_request in loads:
@@ -93,31 +95,42 @@ def served(url: str, model: str, payloads: list[bytes], payload_source: str, wor
     return statistics.median(lat), out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", required=True, help="NAME=ARTIFACT_DIR:FORMAT (format: fp32, int8 …)")
-    p.add_argument("--payload-source", default="cifar:" + str(HERE.parent.parent / "shared" / "data"))
-    p.add_argument("--batch", type=int, default=32, help="service max_batch_size, in-process batch and images "
-                   "per /classify_batch request")
-    p.add_argument("--topologies", nargs="+", default=["split", "inline"], choices=["split", "inline"])
-    p.add_argument("--configs", nargs="+", default=["1x0", f"{os.cpu_count()}x1"],
-                   help="session configurations INSTANCESxTHREADS (model_instances × intra_op_threads; 0 threads: "
-                   "all cores); default: one session on all cores, and one single-threaded session per core")
-    p.add_argument("--clients", type=int, default=32, help="concurrent users sending single images")
-    p.add_argument("--batch-clients", type=int, default=4, help="concurrent users sending batches")
-    p.add_argument("--seconds", type=float, default=20)
-    p.add_argument("--repeats", type=int, default=1, help="served runs per (config, topology), each between two "
-                   "in-process runs; the table shows medians (this shared machine's speed drifts)")
-    p.add_argument("--ort-spinning", action="store_true", help="ONNX Runtime busy-waiting threads (service and "
-                   "in-process alike; default off, as in service/config.yaml)")
-    p.add_argument("--out", default=str(HERE / "service"))
-    args = p.parse_args(argv)
+@dataclass
+class ServiceBenchConfig:
+    """Options of ``python benchmarks/service_bench.py`` (the CLI is generated from these fields)."""
+
+    models: list[str] = field(default_factory=list, metadata={"help": "NAME=ARTIFACT_DIR:FORMAT (format: fp32, "
+                                                                      "int8 …)"})
+    payload_source: str = "cifar:" + str(HERE.parent.parent / "shared" / "data")
+    batch: int = field(default=32, metadata={"help": "service max_batch_size, in-process batch and images per "
+                                                     "/classify_batch request"})
+    configs: list[str] = field(default_factory=lambda: ["1x0", f"{os.cpu_count()}x1"], metadata={
+        "help": "session configurations INSTANCESxTHREADS (model_instances × intra_op_threads; 0 threads: all "
+                "cores); default: one session on all cores, and one single-threaded session per core"})
+    clients: int = field(default=32, metadata={"help": "concurrent users sending single images"})
+    batch_clients: int = field(default=4, metadata={"help": "concurrent users sending batches"})
+    seconds: float = 20
+    repeats: int = field(default=1, metadata={"help": "served runs per config, each between two in-process runs; "
+                                                      "the table shows medians (this shared machine's speed drifts)"})
+    ort_spinning: bool = field(default=False, metadata={"help": "ONNX Runtime busy-waiting threads (service and "
+                                                                "in-process alike; off as in the service's default)"})
+    out: str = str(HERE / "service")
+
+
+def _sessions(configs: list[str]) -> list[tuple[int, int]]:
     try:
-        configs = [tuple(int(v) for v in c.lower().split("x")) for c in args.configs]
-        if any(len(c) != 2 or c[0] < 1 or c[1] < 0 for c in configs):
+        out = [tuple(int(v) for v in c.lower().split("x")) for c in configs]
+        if any(len(c) != 2 or c[0] < 1 or c[1] < 0 for c in out):
             raise ValueError
     except ValueError:
-        p.error(f"--configs takes INSTANCESxTHREADS such as 1x0 or 2x1, got {args.configs}")
+        raise UserError(f"--configs takes INSTANCESxTHREADS such as 1x0 or 2x1, got {configs}") from None
+    return out
+
+
+def run(args: ServiceBenchConfig) -> None:
+    if not args.models:
+        raise UserError("give --models NAME=ARTIFACT_DIR:FORMAT …")
+    configs = _sessions(args.configs)
     payloads = load_payloads(args.payload_source, 256)
     loads = [(args.clients, 1), (args.batch_clients, args.batch)]
     rows = []
@@ -130,34 +143,31 @@ def main(argv: list[str] | None = None) -> int:
             local = functools.partial(inprocess, Path(art), fmt, payloads, args.batch, args.seconds,
                                       args.ort_spinning, instances, threads)
             ips = [local()]
-            runs: dict[tuple[str, int, int], list[dict]] = {}
+            reps: list[dict] = []
+            loaded_by_run = []
             for _ in range(args.repeats):
-                measured = []
-                for topology in args.topologies:
-                    options = {"topology": topology, "max_batch_size": args.batch, "max_latency_ms": 10000,
-                               "runner_threads": 4, "api_threads": 8, "ort_spinning": args.ort_spinning,
-                               "model_instances": instances, "intra_op_threads": threads}
-                    with tempfile.TemporaryDirectory() as work, \
-                            serve([Target(name, tag)], Path(work), options) as url:
-                        for _ in range(10):  # warm-up
-                            httpx.post(f"{url}/classify", content=payloads[0], params={"model": name}, timeout=60)
-                        p50, loaded = served(url, name, payloads, args.payload_source, Path(work), loads,
-                                             args.seconds)
-                    measured += [(topology, p50, sv) for sv in loaded]
+                options = {"max_batch_size": args.batch, "max_latency_ms": 10000, "ort_spinning": args.ort_spinning,
+                           "model_instances": instances, "intra_op_threads": threads}
+                with tempfile.TemporaryDirectory() as work, \
+                        serve([ModelRef(name, tag)], Path(work), options) as url:
+                    for _ in range(10):  # warm-up
+                        httpx.post(f"{url}/classify", files={"image": ("x.png", payloads[0], "image/png")},
+                                   data={"model": name}, timeout=60)
+                    p50, loaded = served(url, name, payloads, args.payload_source, Path(work), loads, args.seconds)
                 ips.append(local())
                 # each served run against the mean of the in-process runs just before and after it
                 ref = {k: (ips[-2][k] + ips[-1][k]) / 2 for k in ("inprocess_ips", "inprocess_p50_ms")}
-                for topology, p50, sv in measured:
-                    runs.setdefault((topology, sv["clients"], sv["images_per_request"]), []).append(
-                        {**sv, "p50_ms": p50, **ref, "ratio": sv["served_ips"] / ref["inprocess_ips"],
-                         "overhead_p50_ms": p50 - ref["inprocess_p50_ms"]})
-            for (topology, _, _), reps in runs.items():
+                loaded_by_run.append([{**sv, "p50_ms": p50, **ref, "ratio": sv["served_ips"] / ref["inprocess_ips"],
+                                       "overhead_p50_ms": p50 - ref["inprocess_p50_ms"]} for sv in loaded])
+            for i in range(len(loads)):
+                reps = [run_rows[i] for run_rows in loaded_by_run]
+
                 def med(key: str, reps=reps) -> float:
                     return statistics.median(r[key] for r in reps)
 
                 row = {"model": name, "backend": "onnxruntime", "precision": ips[0]["precision"],
                        "artifact": f"{art}:{fmt}", "input_size": manifest["preprocessing"]["input_size"],
-                       "instances": instances, "threads": threads, "topology": topology,
+                       "instances": instances, "threads": threads,
                        "batch_setting": args.batch, **reps[-1], "repeats": len(reps),
                        "failures": sum(r["failures"] for r in reps),
                        **{k: round(med(k), 3 if k == "ratio" else 1 if k.endswith("ips") else 2)
@@ -168,28 +178,35 @@ def main(argv: list[str] | None = None) -> int:
                        "ort_spinning": args.ort_spinning}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    out = Path(args.out)
+    write(rows, Path(args.out), args)
+
+
+def write(rows: list[dict], out: Path, args: ServiceBenchConfig) -> None:
     atomic_write_json(rows, out.with_suffix(".json"))
     lines = ["# Service benchmark", "", "Produced by `python benchmarks/service_bench.py`. Served images/s under "
              "concurrent Locust users vs in-process ONNX Runtime at the same batch size "
              f"({args.batch}); single-request p50 (sequential requests) vs one in-process decode + preprocess + "
-             "inference. Clients, the HTTP entry and the model share this machine's cores. Topology `split`: "
-             "entry + runner services (BentoML adaptive batching); `inline`: one process (in-process batching). "
-             "Sessions: model instances × ONNX Runtime threads each (all: every core), the same in-process and "
-             f"served. Medians of {args.repeats} served run(s) per row, each against the in-process runs just "
-             f"before and after it. `max_latency_ms` 10000: nothing is shed, so throughput counts every image; "
-             f"failed requests never count. CPU: {cpu_name()}.",
-             "", "| model | precision | px | sessions | topology | batch | clients × images/request | served img/s | "
+             "inference. Clients, the HTTP entry and the model share this machine's cores; the service batches "
+             "in-process. Sessions: model instances × ONNX Runtime threads each (all: every core), the same "
+             f"in-process and served. Medians of {args.repeats} served run(s) per row, each against the in-process "
+             "runs just before and after it. `max_latency_ms` 10000: nothing is shed, so throughput counts every "
+             f"image; failed requests never count. CPU: {cpu_name()}.",
+             "", "| model | precision | px | sessions | batch | clients × images/request | served img/s | "
              "in-process img/s | ratio | p50 ms | in-process p50 ms | overhead ms | failures |",
-             "|---|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         sessions = f"{r['instances']} × {r['threads'] or 'all'}"
-        lines.append(f"| {r['model']} | {r['precision']} | {r['input_size']} | {sessions} | {r['topology']} | "
+        lines.append(f"| {r['model']} | {r['precision']} | {r['input_size']} | {sessions} | "
                      f"{r['batch_setting']} | {r['clients']} × {r['images_per_request']} | {r['served_ips']} | "
                      f"{r['inprocess_ips']} | {r['ratio']} | {r['p50_ms']} | {r['inprocess_p50_ms']} | "
                      f"{r['overhead_p50_ms']} | {r['failures']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return 0
+    atomic_write(out.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(ServiceBenchConfig, "benchmarks/service_bench.py", __doc__)
+    cfg, _ = parse_config(ServiceBenchConfig, parser, argv)
+    return run_cli(run, cfg)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,43 @@
 """The seeds' study, config-driven: ``python -m benchmarks.study configs/cpu-small.yaml`` (``make study``).
 
 For every experiment of the config: train (``training``), export every format (``export``), benchmark
-the formats side by side (``export.benchmark``), load-test the chosen formats over HTTP (``loadtest``),
-then write one report that puts the seeds' published figures (``configs/published.yaml``) beside ours:
-``<report>.md``, ``<report>.json`` and ``<report>.png``. Every stage skips work that is already done, so
-an interrupted study resumes where it stopped. ``--validate`` only checks the config.
+the formats side by side (``export.benchmark``) and load-test the chosen formats over HTTP
+(``loadtest``), each stage called with its own config object. Then write one report that puts the
+seeds' published figures (``configs/published.yaml``) beside ours: ``<report>.md``, ``.json`` and
+``.png``. Every stage skips work that is already done, so an interrupted study resumes where it
+stopped. ``--validate`` only checks the config.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
 
+from export.benchmark import BenchmarkConfig
+from export.exporter import ARTIFACTS
 from export.onnx_export import ExportError
+from loadtest.run import LoadTestConfig
 from service.runtime import ArtifactError
-from training.errors import UserError
-from training.train import TrainConfig, atomic_write_json
+from training.train import TrainConfig
+from utils import (
+    UserError,
+    atomic_write,
+    atomic_write_json,
+    config_parser,
+    from_mapping,
+    parse_config,
+    pyplot,
+    run_cli,
+    save_figure,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ROOT / "configs" / "published.yaml"
-EXPORT_FORMATS = ("fp32", "fp16", "int8", "int8_trt", "trt_fp16", "trt_int8")
-LOADTEST_KEYS = ("scenarios", "users", "single_seconds", "step_seconds", "warmup_seconds", "offline_batch",
-                 "offline_users", "rate", "slo_ms")
 
 
 @dataclass
@@ -50,8 +60,9 @@ class StudyConfig:
     work_dir: str = "studies/study"
     report: str = "benchmarks/study"
     export: dict = field(default_factory=lambda: {"formats": ["fp32", "fp16", "int8"]})
-    benchmark: dict = field(default_factory=lambda: {"batches": [1, 32], "min_seconds": 2})
-    loadtest: dict = field(default_factory=lambda: {"formats": ["int8"], "scenarios": ["single", "offline"]})
+    benchmark: BenchmarkConfig = field(default_factory=lambda: BenchmarkConfig(batches=[1, 32], min_seconds=2))
+    loadtest: LoadTestConfig = field(default_factory=lambda: LoadTestConfig(scenarios=["single", "offline"]))
+    loadtest_formats: list[str] = field(default_factory=lambda: ["int8"])
     published: dict = field(default_factory=dict)
 
 
@@ -74,7 +85,7 @@ def load_study(path: str | Path, published: str | Path = PUBLISHED, data_dir: st
     if not isinstance(raw, dict) or not isinstance(raw.get("experiments"), list) or not raw["experiments"]:
         raise UserError(f"{path}: needs a mapping with a non-empty `experiments` list")
     study_keys = {f.name for f in fields(StudyConfig)} | {"defaults"}
-    _check_keys(str(path), raw, study_keys - {"published"})
+    _check_keys(str(path), raw, study_keys - {"published", "loadtest_formats"})
     defaults = raw.get("defaults") or {}
     train_keys = {f.name for f in fields(TrainConfig)} - {"name", "runs_dir", "resume", "data_dir"}
     _check_keys(f"{path}: defaults", defaults, train_keys)
@@ -102,16 +113,19 @@ def load_study(path: str | Path, published: str | Path = PUBLISHED, data_dir: st
     names = [e.name for e in experiments]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: experiment names must be unique")
-    study = StudyConfig(**{k: v for k, v in raw.items() if k not in ("experiments", "defaults")},
-                        experiments=experiments, published=pub)
+    nested = ("experiments", "defaults", "benchmark", "loadtest")
+    study = StudyConfig(**{k: v for k, v in raw.items() if k not in nested}, experiments=experiments, published=pub)
     study.data_dir = data
-    bad = set(study.export.get("formats", [])) - set(EXPORT_FORMATS)
+    bad = set(study.export.get("formats", [])) - set(ARTIFACTS)
     if bad:
-        raise UserError(f"{path}: export formats {sorted(bad)} unknown; valid: {', '.join(EXPORT_FORMATS)}")
-    _check_keys(f"{path}: loadtest", study.loadtest, set(LOADTEST_KEYS) | {"formats"})
-    if not set(study.loadtest.get("formats", ["int8"])) <= set(study.export.get("formats", [])):
+        raise UserError(f"{path}: export formats {sorted(bad)} unknown; valid: {', '.join(ARTIFACTS)}")
+    _check_keys(f"{path}: export", study.export, {"formats"})
+    study.benchmark = from_mapping(BenchmarkConfig, raw.get("benchmark") or {}, f"{path}: benchmark")
+    lt = dict(raw.get("loadtest") or {})
+    study.loadtest_formats = list(lt.pop("formats", study.loadtest_formats))
+    study.loadtest = from_mapping(LoadTestConfig, lt, f"{path}: loadtest")
+    if not set(study.loadtest_formats) <= set(study.export.get("formats", [])):
         raise UserError(f"{path}: loadtest formats must be among the exported formats")
-    _check_keys(f"{path}: benchmark", study.benchmark, {"batches", "min_seconds", "iters", "warmup"})
     return study
 
 
@@ -123,13 +137,13 @@ def _say(msg: str) -> None:
 
 
 def train_all(study: StudyConfig, only: set[str] | None) -> None:
-    from training.train import Trainer
+    from training.train import train
 
     for i, e in enumerate(study.experiments, 1):
         if only and e.name not in only:
             continue
         _say(f"[{i}/{len(study.experiments)}] train {e.name}")
-        Trainer(e.train).run()  # resume=True: a finished run is reused, an interrupted one continues
+        train(e.train)  # resume=True: a finished run is reused, an interrupted one continues
 
 
 def export_all(study: StudyConfig, only: set[str] | None) -> list[Path]:
@@ -142,50 +156,38 @@ def export_all(study: StudyConfig, only: set[str] | None) -> list[Path]:
         if only and e.name not in only:
             continue
         _say(f"[{i}/{len(study.experiments)}] export {e.name}")
-        run_export(ExportConfig(run_dir=str(Path(study.runs_dir) / e.name), out_dir=str(out),
+        run_export(ExportConfig(run_dir=str(Path(study.runs_dir) / e.name), out=str(out),
                                 data_dir=study.data_dir, formats=list(study.export.get("formats", ["fp32"])),
                                 eval_limit=64 if e.speed_only else None))
     return dirs
 
 
 def benchmark_all(study: StudyConfig, dirs: list[Path]) -> Path:
-    from export import benchmark
+    from export.benchmark import run_benchmark
 
     _say("benchmark every format side by side")
     out = Path(study.work_dir) / "export"
-    b = study.benchmark
-    argv = [*map(str, dirs), "--out", str(out), "--batches", *map(str, b.get("batches", [1, 32])),
-            "--min-seconds", str(b.get("min_seconds", 2))]
-    argv += [x for k in ("iters", "warmup") if k in b for x in (f"--{k}", str(b[k]))]
-    if benchmark.main(argv) != 0:
-        raise UserError("export benchmark failed (see above)")
+    run_benchmark(replace(study.benchmark, artifacts=[str(d) for d in dirs], out=str(out)))
     return out.with_suffix(".json")
 
 
 def loadtest_all(study: StudyConfig) -> Path | None:
-    from loadtest import run
+    from loadtest.run import run_loadtest
 
     models = []
     for e in study.experiments:
         if not e.loadtest:
             continue
         manifest = json.loads((Path(study.artifacts_dir) / e.name / "manifest.json").read_text())
-        for fmt in study.loadtest.get("formats", ["int8"]):
+        for fmt in study.loadtest_formats:
             models.append(f"{e.name}-{fmt}={manifest['artifacts'][fmt]['bentoml_tag']}")
     if not models:
         return None
     _say(f"load test {len(models)} served models")
-    lt = study.loadtest
-    argv = ["--models", *models, "--reports-dir", str(Path(study.work_dir) / "loadtest"),
-            "--payload-source", f"cifar:{study.data_dir}" if study.data_dir else "synthetic"]
-    for k in LOADTEST_KEYS:
-        if k in lt:
-            v = lt[k]
-            argv += [f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, list) else [v])]
-    code = run.main(argv)
-    if code == 2:
-        raise UserError("load test failed (see above)")
-    return Path(study.work_dir) / "loadtest" / "latest" / "results.json"
+    reports = Path(study.work_dir) / "loadtest"
+    payloads = f"cifar:{study.data_dir}" if study.data_dir else "synthetic"
+    run_loadtest(replace(study.loadtest, models=models, reports_dir=str(reports), payload_source=payloads))
+    return reports / "latest" / "results.json"
 
 
 # --------------------------------------------------------------------------- report
@@ -199,13 +201,7 @@ def collect(study: StudyConfig, export_json: Path | None, loadtest_json: Path | 
     for e in study.experiments:
         mfile = Path(study.runs_dir) / e.name / "metrics.json"
         m = json.loads(mfile.read_text()) if mfile.is_file() else {}
-        formats = [dict(r) for r in exports if r.get("run") == e.name]
-        if not e.speed_only:  # export.benchmark hides accuracy of any random-init run; a trained one has it
-            afile = Path(study.artifacts_dir) / e.name / "manifest.json"
-            arts = json.loads(afile.read_text()).get("artifacts", {}) if afile.is_file() else {}
-            for r in formats:
-                acc = m.get("test_accuracy") if r["format"] == "pytorch" else arts.get(r["format"], {}).get("accuracy")
-                r["accuracy"] = r["accuracy"] if r.get("accuracy") is not None else acc
+        formats = [r for r in exports if r.get("run") == e.name]
         out.append({
             "experiment": e.name, "speed_only": e.speed_only, "model": e.train.model, "weights": m.get("weights"),
             "dataset": m.get("dataset", e.train.dataset), "strategy": e.train.strategy,
@@ -274,8 +270,7 @@ def plot(records: list[dict], path: Path) -> None:
     """Left: our test accuracy beside the seeds' figures. Right: accuracy vs INT8 img/s (batch 32)."""
     from matplotlib.ticker import NullFormatter
 
-    from training.report import plt, save_figure
-
+    plt = pyplot()
     acc = [r for r in records if not r["speed_only"] and r["test_accuracy"] is not None]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     names = [r["experiment"] for r in acc]
@@ -303,34 +298,37 @@ def write_report(study: StudyConfig, records: list[dict]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json({"study": study.name, "description": study.description, "records": records},
                       out.with_suffix(".json"))
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(to_markdown(study, records))
-    tmp.replace(out.with_suffix(".md"))
+    atomic_write(out.with_suffix(".md"), to_markdown(study, records))
     plot(records, out.with_suffix(".png"))
     return out.with_suffix(".md")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="a study config, e.g. configs/cpu-small.yaml")
-    p.add_argument("--data-dir", default=None, help="CIFAR folder (default: $CIFAR_ROOT, else the config's)")
-    p.add_argument("--only", nargs="+", default=None, help="run these experiments only (the report covers all)")
-    p.add_argument("--validate", action="store_true", help="check the config and exit")
-    p.add_argument("--skip-loadtest", action="store_true")
-    p.add_argument("--report-only", action="store_true", help="rewrite the report from finished stages")
-    args = p.parse_args(argv)
+@dataclass
+class StudyArgs:
+    """Options of ``python -m benchmarks.study`` (the study itself is the YAML file ``study``)."""
+
+    study: str = field(metadata={"help": "a study config, e.g. configs/cpu-small.yaml"})
+    data_dir: str | None = field(default=None, metadata={"help": "CIFAR folder (default: $CIFAR_ROOT, else the "
+                                                                 "config's)"})
+    only: list[str] | None = field(default=None, metadata={"help": "run these experiments only (the report "
+                                                                   "covers all)"})
+    validate: bool = field(default=False, metadata={"help": "check the config and exit"})
+    skip_loadtest: bool = False
+    report_only: bool = field(default=False, metadata={"help": "rewrite the report from finished stages"})
+
+
+def run_study(args: StudyArgs) -> int:
+    study = load_study(args.study, data_dir=args.data_dir)
+    if args.validate:
+        print(f"{args.study}: valid ({len(study.experiments)} experiments)")
+        return 0
+    only = set(args.only) if args.only else None
+    work = Path(study.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json({"study": study.name, "experiments": [{**asdict(e.train), "published": e.published}
+                                                           for e in study.experiments]}, work / "config.json")
+    export_json, lt_json = work / "export.json", work / "loadtest" / "latest" / "results.json"
     try:
-        study = load_study(args.config, data_dir=args.data_dir)
-        if args.validate:
-            print(f"{args.config}: valid ({len(study.experiments)} experiments)")
-            return 0
-        only = set(args.only) if args.only else None
-        work = Path(study.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
-        atomic_write_json({"study": study.name, "experiments": [{**asdict(e.train), "published": e.published}
-                                                               for e in study.experiments]}, work / "config.json")
-        export_json, lt_json = work / "export.json", work / "loadtest" / "latest" / "results.json"
         if not args.report_only:
             train_all(study, only)
             dirs = export_all(study, only)
@@ -338,12 +336,16 @@ def main(argv: list[str] | None = None) -> int:
                                                 if not only or e.name in only])
             if not args.skip_loadtest:
                 lt_json = loadtest_all(study) or lt_json
-        report = write_report(study, collect(study, export_json, lt_json))
-    except (UserError, ArtifactError, ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"report: {report}")
+    except (ArtifactError, ExportError) as e:
+        raise UserError(str(e)) from e
+    print(f"report: {write_report(study, collect(study, export_json, lt_json))}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(StudyArgs, "python -m benchmarks.study", __doc__, positional=("study",))
+    args, _ = parse_config(StudyArgs, parser, argv)
+    return run_cli(run_study, args)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,14 @@ Runs each configuration below (resumable: finished runs are reused), then writes
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.compare import bar_chart
-from training.errors import UserError
-from training.train import TrainConfig, Trainer, atomic_write_json
+from training.train import TrainConfig, train
+from utils import atomic_write, atomic_write_json, config_parser, parse_config, run_cli
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,29 +69,32 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
-    p.add_argument("--runs-dir", default="runs/bench")
-    p.add_argument("--only", nargs="*", help="run names to (re)run; default all")
-    args = p.parse_args(argv)
+@dataclass
+class TrainingBenchConfig:
+    data_dir: str = field(default=str(HERE.parent.parent / "shared" / "data"),
+                          metadata={"help": "folder holding cifar-10-batches-py/"})
+    runs_dir: str = field(default="runs/bench", metadata={"help": "where the runs go (finished ones are reused)"})
+    only: list[str] = field(default_factory=list, metadata={"help": "run names to (re)run (default: all)"})
+
+
+def run(cfg: TrainingBenchConfig) -> None:
     rows = []
-    try:
-        for name, kw in RUNS:
-            if args.only and name not in args.only:
-                continue
-            cfg = replace(TrainConfig(), dataset="cifar10", data_dir=args.data_dir, runs_dir=args.runs_dir,
-                          name=name, resume=True, download=False, **kw)
-            print(f"=== {name}", flush=True)
-            rows.append(row(name, Trainer(cfg).run()))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for name, kw in RUNS:
+        if cfg.only and name not in cfg.only:
+            continue
+        print(f"=== {name}", flush=True)
+        rows.append(row(name, train(TrainConfig(dataset="cifar10", data_dir=cfg.data_dir, runs_dir=cfg.runs_dir,
+                                                name=name, resume=True, download=False, **kw))))
     atomic_write_json(rows, HERE / "training.json")
-    (HERE / "training.md").write_text(to_markdown(rows))
+    atomic_write(HERE / "training.md", to_markdown(rows))
     bar_chart(rows, HERE / "training.png", label="run")
     print(json.dumps(rows, indent=1))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(TrainingBenchConfig, "benchmarks/training_bench.py", __doc__)
+    cfg, _ = parse_config(TrainingBenchConfig, parser, argv, section="training_bench")
+    return run_cli(run, cfg)
 
 
 if __name__ == "__main__":

@@ -3,29 +3,56 @@
 One row per (model, format, batch): file size, accuracy and its delta vs PyTorch (from the
 manifest, measured on the same test images at export), latency p50/p95 per batch, throughput, the
 provider that really ran it and the device. Warm-up first, then timed iterations; every format of a
-model is measured side by side in one process. Results merge into ``<out>.json`` by model.
+model is measured side by side in one process. Results merge into ``<out>.json`` by run.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from service.runtime import ArtifactError, cpu_name, open_artifact, read_manifest
+from service.runtime import ArtifactError, open_artifact, read_manifest
 from service.tensorrt_engine import unavailable_reason
-from training.errors import UserError
-from training.train import atomic_write_json
+from utils import (
+    UserError,
+    atomic_write,
+    atomic_write_json,
+    config_parser,
+    cpu_name,
+    device_name,
+    parse_config,
+    pyplot,
+    run_cli,
+    save_figure,
+)
 
 FORMAT_LABELS = {"pytorch": "PyTorch eager FP32", "fp32": "ONNX Runtime FP32", "fp16": "ONNX Runtime FP16",
                  "int8": "ONNX Runtime INT8 (CPU Q/DQ)", "int8_trt": "ONNX Runtime INT8 (TensorRT Q/DQ)",
                  "trt_fp16": "TensorRT FP16", "trt_int8": "TensorRT INT8"}
+
+
+@dataclass
+class BenchmarkConfig:
+    """Options of ``python -m export.benchmark`` (the CLI is generated from these fields)."""
+
+    artifacts: list[str] = field(default_factory=list, metadata={"help": "export folders (with manifest.json)"})
+    batches: list[int] = field(default_factory=lambda: [1, 8, 32])
+    warmup: int = 3
+    iters: int = field(default=10, metadata={"help": "timed calls at least, per row"})
+    min_seconds: float = field(default=3.0, metadata={"help": "timed seconds at least, per row"})
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    formats: list[str] = field(default_factory=lambda: list(FORMAT_LABELS),
+                               metadata={"choices": list(FORMAT_LABELS)})
+    providers: list[str] | None = field(default=None, metadata={
+        "help": "ONNX Runtime providers to measure (default: cpu, plus cuda when available)"})
+    out: str = field(default="benchmarks/export", metadata={"help": "output path without extension (.json/.md/.png)"})
 
 
 def time_fn(fn: Callable[[np.ndarray], object], x: np.ndarray, warmup: int, iters: int,
@@ -76,7 +103,7 @@ def _runners(artifact_dir: Path, manifest: dict, formats: list[str], threads: in
                     with torch.inference_mode():
                         return m(torch.from_numpy(x).cuda()).cpu().numpy()
 
-                yield "pytorch", "torch CUDA", torch.cuda.get_device_name(), eager_cuda
+                yield "pytorch", "torch CUDA", device_name("cuda"), eager_cuda
     for fmt in ("fp32", "fp16", "int8", "int8_trt"):
         if fmt not in formats or "sha256" not in manifest["artifacts"].get(fmt, {}):
             continue
@@ -86,14 +113,14 @@ def _runners(artifact_dir: Path, manifest: dict, formats: list[str], threads: in
             except ArtifactError as e:
                 print(f"skipping {fmt} on {prov}: {e}", file=sys.stderr)
                 continue
-            device = cpu_name() if m.provider == "CPUExecutionProvider" else torch.cuda.get_device_name()
+            device = cpu_name() if m.provider == "CPUExecutionProvider" else device_name("cuda")
             yield fmt, m.provider, device, m
     for fmt in ("trt_fp16", "trt_int8"):
         e = manifest["artifacts"].get(fmt, {})
         if fmt in formats and "sha256" in e and unavailable_reason() is None:
             from service.tensorrt_engine import TrtRunner
 
-            yield fmt, "TensorRT", torch.cuda.get_device_name(), TrtRunner(artifact_dir / e["file"])
+            yield fmt, "TensorRT", device_name("cuda"), TrtRunner(artifact_dir / e["file"])
 
 
 def benchmark_model(artifact_dir: Path, batches: list[int], warmup: int, iters: int, min_seconds: float,
@@ -123,8 +150,8 @@ def benchmark_model(artifact_dir: Path, batches: list[int], warmup: int, iters: 
                 "model": manifest["backbone"], "run": manifest["run"], "format": fmt,
                 "format_label": FORMAT_LABELS[fmt], "precision": "fp32" if fmt == "pytorch" else e["precision"],
                 "batch": b, "size_mb": round(size / 2**20, 2) if size else None,
-                "accuracy": acc if pretrained else None,
-                "accuracy_delta": (acc - ref_acc) if pretrained and acc is not None else None,
+                "accuracy": acc, "accuracy_delta": (acc - ref_acc) if acc is not None and ref_acc is not None else None,
+                "pretrained": pretrained,
                 "weights": manifest.get("weights"), "dataset": manifest["dataset"],
                 "input_size": pre.input_size, **{k: round(v, 3) for k, v in s.items() if k != "iterations"},
                 "iterations": s["iterations"], "provider": provider, "device": device,
@@ -143,7 +170,7 @@ def to_markdown(rows: list[dict]) -> str:
     out = ["# Export benchmark", "",
            "Produced by `python -m export.benchmark`. Latency is per batch; throughput in images/s. "
            "Accuracy is measured at export on the run's test images through the serving preprocessing; "
-           "models exported from random init are timed only (accuracy –).", ""]
+           "models exported from random init are timed only (accuracy – here; their rows in the JSON keep it).", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model]
         r0 = rs[0]
@@ -153,8 +180,9 @@ def to_markdown(rows: list[dict]) -> str:
                 "| format | batch | size MB | accuracy | Δ vs PyTorch | p50 ms | p95 ms | img/s | provider |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rs:
-            acc = "–" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
-            delta = "–" if r["accuracy_delta"] is None else f"{100 * r['accuracy_delta']:+.2f} pts"
+            shown = r.get("pretrained", True)
+            acc = "–" if r["accuracy"] is None or not shown else f"{r['accuracy']:.4f}"
+            delta = "–" if r["accuracy_delta"] is None or not shown else f"{100 * r['accuracy_delta']:+.2f} pts"
             out.append(f"| {r['format_label']} | {r['batch']} | {r['size_mb']} | {acc} | {delta} | "
                        f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['throughput_ips']:.1f} | {r['provider']} |")
         out += ["", *ratio_lines(rs), ""]
@@ -183,9 +211,8 @@ def ratio_lines(rs: list[dict]) -> list[str]:
 
 
 def plot_pareto(rows: list[dict], path: Path, batch: int) -> None:
-    from training.report import plt, save_figure
-
-    pts = [r for r in rows if r["accuracy"] is not None and r["batch"] == batch]
+    plt = pyplot()
+    pts = [r for r in rows if r["accuracy"] is not None and r.get("pretrained", True) and r["batch"] == batch]
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in pts:
         ax.scatter(r["p50_ms"] / batch, 100 * r["accuracy"], s=40)
@@ -199,42 +226,38 @@ def plot_pareto(rows: list[dict], path: Path, batch: int) -> None:
     save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("artifacts", nargs="+", help="export folders (with manifest.json)")
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--min-seconds", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--formats", nargs="+", default=list(FORMAT_LABELS), choices=list(FORMAT_LABELS))
-    p.add_argument("--providers", nargs="+", default=None,
-                   help="ONNX Runtime providers to measure (default: cpu, plus cuda when available)")
-    p.add_argument("--out", default="benchmarks/export", help="output path without extension (.json/.md/.png)")
-    args = p.parse_args(argv)
+def run_benchmark(cfg: BenchmarkConfig) -> list[dict]:
+    """Measure every artifact folder of ``cfg``; merge the rows into ``<out>.json`` (one run's rows replace
+    that run's earlier rows) and rewrite ``<out>.md`` and ``<out>.png``. Returns all rows."""
+    if not cfg.artifacts:
+        raise UserError("nothing to benchmark: give one or more export folders")
     import onnxruntime as ort
 
-    providers = args.providers or ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers()
-                                             else [])
-    out = Path(args.out)
+    providers = cfg.providers or ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers()
+                                            else [])
     try:
         rows: list[dict] = []
-        for a in args.artifacts:
-            rows += benchmark_model(Path(a), args.batches, args.warmup, args.iters, args.min_seconds, args.threads,
-                                    args.formats, providers)
-    except (ArtifactError, UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        for a in cfg.artifacts:
+            rows += benchmark_model(Path(a), cfg.batches, cfg.warmup, cfg.iters, cfg.min_seconds, cfg.threads,
+                                    cfg.formats, providers)
+    except ArtifactError as e:
+        raise UserError(str(e)) from e
+    out = Path(cfg.out)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
-    measured = {r["run"] for r in rows}  # one run's rows replace that run's earlier rows
+    measured = {r["run"] for r in rows}
     rows = [r for r in old if r.get("run") not in measured] + rows
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(rows, out.with_suffix(".json"))
-    out.with_suffix(".md").write_text(to_markdown(rows))
-    plot_pareto(rows, out.with_suffix(".png"), batch=max(args.batches))
+    atomic_write(out.with_suffix(".md"), to_markdown(rows))
+    plot_pareto(rows, out.with_suffix(".png"), batch=max(cfg.batches))
     print(f"wrote {out}.json, {out}.md, {out}.png")
-    return 0
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(BenchmarkConfig, "python -m export.benchmark", __doc__, positional=("artifacts",))
+    cfg, _ = parse_config(BenchmarkConfig, parser, argv, section="benchmark")
+    return run_cli(run_benchmark, cfg)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,15 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 from export import quantize
-from export.onnx_export import ExportError, artifact_metadata, export_onnx, load_run, opset_of
+from export.onnx_export import DEFAULT_OPSET, ExportError, artifact_metadata, export_onnx, load_run, opset_of
 from service import tensorrt_engine as trt_engine
 from service.preprocessing import Preprocessing
-from service.runtime import load_ort_model, sha256_file
+from service.runtime import load_ort_model
 from training.data import CifarData, load_dataset
-from training.errors import UserError
-from training.train import atomic_write_json
+from utils import UserError, atomic_write_json, device_name, sha256_file, versions
 
-MANIFEST_FORMAT = "cifar-deploy/manifest@1"
 MAX_ABS_DIFF = 1e-4
 MIN_AGREEMENT = 0.999
 
@@ -43,46 +40,40 @@ ARTIFACTS = {
 }
 
 
+def _opt(help: str, **extra) -> dict:
+    return {"help": help, **extra}
+
+
 @dataclass
 class ExportConfig:
-    run_dir: str
-    out_dir: str | None = None
-    data_dir: str | None = None
-    formats: list[str] = field(default_factory=lambda: list(ARTIFACTS))
-    opset: int = 18
-    calib_images: int = 512
-    calib_method: str = "minmax"
-    keep_float: list[str] = field(default_factory=lambda: ["preset"])
-    eval_limit: int | None = None
-    min_batch: int = 1
-    opt_batch: int = 32
-    max_batch: int = 128
-    workspace_mb: int = 1024
-    bentoml: bool = True
-    force: bool = False
+    """Options of ``python -m export`` (the CLI is generated from these fields)."""
+
+    run_dir: str = field(metadata=_opt("a finished run folder (model.json + best.pt)"))
+    out: str | None = field(default=None, metadata=_opt("output folder (default: artifacts/<run name>)"))
+    data_dir: str | None = field(default=None, metadata=_opt("dataset folder (default: the one the run trained on)"))
+    formats: list[str] = field(default_factory=lambda: list(ARTIFACTS), metadata=_opt("", choices=list(ARTIFACTS)))
+    opset: int = DEFAULT_OPSET
+    calib_images: int = field(default=512, metadata=_opt("class-balanced training images for INT8 calibration"))
+    calib_method: str = field(default="minmax", metadata=_opt("", choices=list(quantize.CALIBRATION_METHODS)))
+    keep_float: list[str] = field(default_factory=lambda: ["preset"], metadata=_opt(
+        "regexes of nodes (name or torch module scope) kept in float in INT8; 'preset' adds the backbone's "
+        "known-sensitive nodes (EfficientNet stem, early blocks, SE, classifier); 'none' quantizes everything",
+        metavar="PATTERN"))
+    eval_limit: int | None = field(default=None, metadata=_opt("evaluate on the first N test images only"))
+    min_batch: int = field(default=1, metadata=_opt("TensorRT optimization profile: smallest batch"))
+    opt_batch: int = field(default=32, metadata=_opt("TensorRT optimization profile: batch tuned for"))
+    max_batch: int = field(default=128, metadata=_opt("TensorRT optimization profile: largest batch"))
+    workspace_mb: int = field(default=1024, metadata=_opt("TensorRT builder workspace"))
+    bentoml: bool = field(default=True, metadata=_opt("save each ONNX artifact to the BentoML model store"))
+    force: bool = field(default=False, metadata=_opt("re-export even artifacts that are up to date"))
     threads: int | None = None
 
     def output_dir(self) -> Path:
-        return Path(self.out_dir) if self.out_dir else Path("artifacts") / Path(self.run_dir).resolve().name
+        return Path(self.out) if self.out else Path("artifacts") / Path(self.run_dir).resolve().name
 
 
 def tool_versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-
-    v = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
-         "onnxruntime": onnxruntime.__version__}
-    try:
-        import bentoml
-
-        v["bentoml"] = bentoml.__version__
-    except ImportError:
-        pass
-    if trt_engine.unavailable_reason() is None:
-        import tensorrt
-
-        v["tensorrt"] = tensorrt.__version__
-    return v
+    return versions("torch", "onnx", "onnxruntime", "bentoml", "tensorrt")
 
 
 def _key(*parts: object) -> str:
@@ -147,7 +138,7 @@ def run_export(cfg: ExportConfig) -> dict:
         return ref["logits"], ref["pred"], ref["acc"]
 
     manifest = {
-        "format": MANIFEST_FORMAT, "run": mj.get("run", run_dir.name), "source_run": str(run_dir.resolve()),
+        "run": mj.get("run", run_dir.name), "source_run": str(run_dir.resolve()),
         "checkpoint_sha256": ckpt_sha, "backbone": mj["backbone"], "head": mj["head"],
         "weights": mj.get("weights"), "dataset": data.name, "synthetic": data.synthetic,
         "preprocessing": pre.to_dict(), "eval_images": int(len(y_test)),
@@ -275,7 +266,7 @@ def _tensorrt(cfg, out: Path, pre: Preprocessing, arts: dict, x_test, y_test, re
         name, precision, kind = ARTIFACTS[fmt]
         arts[fmt] = {"file": name, "format": kind, "precision": precision, "sha256": sha256_file(plan),
                      "size_bytes": plan.stat().st_size, "profile": asdict(profile), "source": arts[src]["file"],
-                     "device": torch.cuda.get_device_name(), **e}
+                     "device": device_name("cuda"), **e}
 
 
 def save_to_bentoml(out: Path, manifest: dict) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -14,9 +13,9 @@ import torch
 from torch import nn
 
 from service.preprocessing import METADATA_KEY, Preprocessing
-from training.errors import UserError
 from training.models import Classifier, ModelConfig, rebuild
-from training.train import load_checkpoint
+from training.record import load_checkpoint
+from utils import UserError, atomic_path
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DEFAULT_OPSET = 18
@@ -82,17 +81,11 @@ def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
             model.metadata_props.add(key=k, value=v)
 
 
-def finalize(tmp: Path, path: Path, meta: dict[str, str]) -> None:
-    """Add metadata, run the full checker, then atomically move ``tmp`` to ``path``."""
-    model = onnx.load(str(tmp))
-    set_metadata(model, meta)
+def _check(model: onnx.ModelProto, name: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"{path.name} fails onnx.checker: {e}") from e
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+        raise ExportError(f"{name} fails onnx.checker: {e}") from e
 
 
 def artifact_metadata(pre: Preprocessing, mj: dict, precision: str, run_dir: Path) -> dict[str, str]:
@@ -112,10 +105,13 @@ def export_onnx(model: Classifier, path: Path, meta: dict[str, str], fp16: bool 
     """Export ``model`` (FP32, or FP16 inside FP32 I/O) to ``path`` atomically."""
     if opset < 17:
         raise UserError(f"--opset must be at least 17, got {opset}")
-    tmp = path.with_name(path.name + ".tmp")
     module = _HalfPrecision(model) if fp16 else model
-    _export(module, tmp, model.image_size, opset)
-    finalize(tmp, path, meta)
+    with atomic_path(path) as tmp:
+        _export(module, tmp, model.image_size, opset)
+        proto = onnx.load(str(tmp))
+        set_metadata(proto, meta)
+        _check(proto, path.name)
+        onnx.save(proto, str(tmp))
 
 
 def opset_of(path: Path) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from export.onnx_export import set_metadata
-from training.errors import UserError
+from utils import UserError, atomic_path
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 FLAVOURS = ("cpu", "trt")
@@ -112,11 +112,10 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, flavour:
     # reached, so calibration would silently use only the last chunk of images.
     extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
     fp32_path, out_path = Path(fp32_path).resolve(), Path(out_path).resolve()  # before the chdir below
-    tmp = out_path.with_name(out_path.name + ".tmp")
     root_logger = logging.getLogger()
     level = root_logger.level
     root_logger.setLevel(logging.ERROR)  # ORT nags about optional pre-processing on the root logger
-    with tempfile.TemporaryDirectory() as work:
+    with atomic_path(out_path) as tmp, tempfile.TemporaryDirectory() as work:
         # ORT's calibrator writes an augmented copy of the model next to the working directory
         cwd = os.getcwd()
         os.chdir(work)
@@ -129,13 +128,12 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, flavour:
         finally:
             os.chdir(cwd)
             root_logger.setLevel(level)
-    src = onnx.load(str(fp32_path), load_external_data=False)
-    q = onnx.load(str(tmp))
-    meta = {p.key: p.value for p in src.metadata_props}
-    meta["cifar_deploy.precision"] = "int8" if flavour == "cpu" else "int8-trt"
-    set_metadata(q, meta)
-    onnx.save(q, str(tmp))
-    os.replace(tmp, out_path)
+        src = onnx.load(str(fp32_path), load_external_data=False)
+        q = onnx.load(str(tmp))
+        meta = {p.key: p.value for p in src.metadata_props}
+        meta["cifar_deploy.precision"] = "int8" if flavour == "cpu" else "int8-trt"
+        set_metadata(q, meta)
+        onnx.save(q, str(tmp))
 
 
 def qdq_summary(path: Path) -> dict:

@@ -2,23 +2,26 @@
 
 Custom options: ``--model`` (default: the service's default), ``--endpoint classify|classify_batch``,
 ``--payload-source cifar:PATH|dir:PATH|synthetic``, ``--batch-images`` (images per /classify_batch
-request), ``--top-k``, ``--rate`` (requests/s per user for constant arrival rate; 0 = back to back).
-Every response is validated (status, JSON, labels among the model's classes, scores a probability
-distribution) and counted as a failure otherwise. One stats row per model via ``name=``.
+request), ``--top-k``, ``--rate`` (requests/s per user, Locust's ``constant_throughput``; 0 = back to back).
+Requests are multipart forms: file field ``image`` (``images`` for a batch) and form fields ``model`` and
+``top_k``, encoded once per process. Every response is validated (status, JSON, labels among the model's
+classes, scores a probability distribution) and counted as a failure otherwise. One stats row per model.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import types
 
-from locust import FastHttpUser, events, task
+from locust import FastHttpUser, constant_throughput, events, task
 from locust.exception import StopUser
+from urllib3 import encode_multipart_formdata
 
 from loadtest.payloads import load_payloads
 from loadtest.validation import validate
 
-STATE: dict = {}
+STATE: dict = {}  # per process: the payloads and the request bodies built from them
 
 
 @events.init_command_line_parser.add_listener
@@ -33,38 +36,22 @@ def _options(parser) -> None:
 
 @events.test_start.add_listener
 def _prepare(environment, **_kw) -> None:
-    """Payloads and the model's classes, once per process (not per user)."""
-    opts = environment.parsed_options
-    STATE["payloads"] = load_payloads(opts.payload_source, limit=256)
+    STATE["payloads"] = load_payloads(environment.parsed_options.payload_source, limit=256)
 
 
-def batch_bodies(payloads: list[bytes], n: int, count: int = 8) -> list[tuple[bytes, str]]:
-    """``count`` multipart bodies of ``n`` images each, encoded once (FastHttpUser sends raw bytes)."""
-    from urllib3 import encode_multipart_formdata
-
+def encode_bodies(payloads: list[bytes], endpoint: str, per_request: int, model: str, top_k: int,
+                  count: int) -> list[tuple[bytes, str]]:
+    """``count`` (body, content type) multipart forms of ``per_request`` images each, cycling through
+    ``payloads``, with the form fields ``model`` and ``top_k``: encoded once, then sent as raw bytes."""
+    field = "image" if endpoint == "classify" else "images"
     cycle = itertools.cycle(payloads)
-    out = []
-    for _ in range(count):
-        fields = [("images", (f"{i}.png", next(cycle), "image/png")) for i in range(n)]
-        out.append(encode_multipart_formdata(fields))
-    return out
+    return [encode_multipart_formdata([*((field, (f"{i}.png", next(cycle), "image/png")) for i in range(per_request)),
+                                       ("model", model), ("top_k", str(top_k))])
+            for _ in range(count)]
 
 
 class ClassifyUser(FastHttpUser):
     """Sends images to /classify (or batches to /classify_batch) and checks every answer."""
-
-    def wait_time(self):
-        rate = self.environment.parsed_options.rate
-        return 0.0 if rate <= 0 else self._pace(rate)
-
-    def _pace(self, rate: float) -> float:
-        # constant arrival rate per user: sleep what is left of the 1/rate interval
-        import time
-
-        now = time.monotonic()
-        nxt = getattr(self, "_next", now) + 1.0 / rate
-        self._next = max(nxt, now)
-        return max(0.0, self._next - now)
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options
@@ -75,34 +62,33 @@ class ClassifyUser(FastHttpUser):
             if name not in models:
                 r.failure(f"/models answered {r.status_code}; model {name!r} not among {sorted(models)}")
                 raise StopUser()
+        if opts.rate > 0:
+            self.wait_time = types.MethodType(constant_throughput(opts.rate), self)
         self.model = name
         self.classes = set(models[name]["classes"])
         self.top_k = opts.top_k or len(models[name]["classes"])
-        self.payloads = itertools.cycle(STATE["payloads"])
-        if opts.endpoint == "classify_batch":
-            self.batches = itertools.cycle(batch_bodies(STATE["payloads"], opts.batch_images))
+        self.per_request = 1 if opts.endpoint == "classify" else opts.batch_images
+        key = (opts.endpoint, name, self.top_k)
+        if key not in STATE:  # shared by this process's users
+            payloads = STATE["payloads"]
+            count = len(payloads) if self.per_request == 1 else 8
+            STATE[key] = encode_bodies(payloads, opts.endpoint, self.per_request, name, self.top_k, count)
+        self.bodies = itertools.cycle(STATE[key])
 
     @task
     def classify(self) -> None:
-        opts = self.environment.parsed_options
-        params = f"?model={self.model}&top_k={self.top_k}"
-        if opts.endpoint == "classify":
-            n = 1
-            kwargs = {"data": next(self.payloads), "headers": {"Content-Type": "image/png"}}
-        else:
-            n = opts.batch_images
-            body, ctype = next(self.batches)
-            kwargs = {"data": body, "headers": {"Content-Type": ctype}}
-        with self.client.post(f"/{opts.endpoint}{params}", name=f"/{opts.endpoint} [{self.model}]",
-                              catch_response=True, **kwargs) as r:
+        endpoint = self.environment.parsed_options.endpoint
+        body, ctype = next(self.bodies)
+        with self.client.post(f"/{endpoint}", data=body, headers={"Content-Type": ctype},
+                              name=f"/{endpoint} [{self.model}]", catch_response=True) as r:
             if r.status_code != 200:
                 r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")
                 return
             try:
-                body = r.json()
+                answer = r.json()
             except (json.JSONDecodeError, ValueError):
                 r.failure("response is not JSON")
                 return
-            problem = validate(body, self.classes, n, self.top_k)
+            problem = validate(answer, self.classes, self.per_request, self.top_k)
             if problem:
                 r.failure(problem)

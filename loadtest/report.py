@@ -1,15 +1,13 @@
-"""Load-test reports: markdown, plots (throughput and latency vs concurrency, model comparison)."""
+"""Load-test reports: ``reports/<timestamp>/`` (report.md, results.json, plots) and ``benchmarks/loadtest.*``."""
 
 from __future__ import annotations
 
 import json
-import os
+import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from loadtest.scenarios import best_within_slo
+from utils import atomic_path, atomic_write, atomic_write_json, pyplot, save_figure, versions
 
 BENCH_KEYS = ("model", "backend", "precision", "scenario", "users", "rps", "images_per_s", "p50_ms", "p95_ms",
               "p99_ms", "failures", "requests", "server_mean_batch", "server_infer_ms_mean", "device")
@@ -19,18 +17,14 @@ def _label(r: dict) -> str:
     return f"{r['model']} {r['backend']} {r['precision']}"
 
 
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def plots(rows: list[dict], outdir: Path) -> None:
+def plots(rows: list[dict]) -> dict:
+    """Figures ``throughput`` and ``latency`` (vs concurrency) and ``models`` (side by side)."""
+    plt = pyplot()
     series: dict[str, list[dict]] = {}
     for r in rows:
         if r["scenario"] in ("single-stream", "server"):
             series.setdefault(_label(r), []).append(r)
+    figs = {}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rs in series.items():
         rs = sorted(rs, key=lambda r: r["users"])
@@ -38,7 +32,7 @@ def plots(rows: list[dict], outdir: Path) -> None:
     ax.set(xscale="log", xlabel="concurrent users", ylabel="images/s", title="throughput vs concurrency")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    _save(fig, outdir / "throughput.png")
+    figs["throughput"] = fig
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, rs) in enumerate(series.items()):
@@ -51,7 +45,7 @@ def plots(rows: list[dict], outdir: Path) -> None:
            title="latency percentiles vs concurrency")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    _save(fig, outdir / "latency.png")
+    figs["latency"] = fig
 
     single = [r for r in rows if r["scenario"] == "single-stream"]
     peak: dict[str, float] = {}
@@ -67,7 +61,8 @@ def plots(rows: list[dict], outdir: Path) -> None:
         for lbl in ax.get_xticklabels():
             lbl.set_ha("right")
         ax.grid(axis="y", alpha=0.3)
-    _save(fig, outdir / "models.png")
+    figs["models"] = fig
+    return figs
 
 
 def _fmt(v) -> str:
@@ -116,27 +111,36 @@ def to_markdown(rows: list[dict], meta: dict, best: list[dict]) -> str:
     return "\n".join(out)
 
 
-def write_bench(rows: list[dict], out: Path, slo_ms: float) -> None:
-    """benchmarks/loadtest.json (rows merged by model/backend/precision) and .md."""
-    from loadtest.run import best_within_slo
+def write_report(rows: list[dict], outdir: Path, problems: list[str], slo_ms: float | None,
+                 max_failure_ratio: float, payload_source: str) -> None:
+    """``outdir``/results.json, report.md and the plots; then ``latest`` beside it points to ``outdir``."""
+    meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "slo_ms": slo_ms,
+            "max_failure_ratio": max_failure_ratio, "payload_source": payload_source,
+            "device": rows[0]["device"] if rows else "unknown",
+            "versions": versions("locust", "bentoml", "onnxruntime"), "gate_problems": problems}
+    atomic_write_json({"meta": meta, "rows": rows}, outdir / "results.json")
+    for name, fig in plots(rows).items():
+        save_figure(fig, outdir / f"{name}.png")
+    atomic_write(outdir / "report.md", to_markdown(rows, meta, best_within_slo(rows, slo_ms or 100.0)))
+    with atomic_path(outdir.parent / "latest") as tmp:
+        tmp.unlink(missing_ok=True)  # left by an interrupted run
+        tmp.symlink_to(outdir.name)
 
+
+def write_bench(rows: list[dict], out: Path, slo_ms: float) -> None:
+    """``out``.json (rows merged by model/backend/precision), ``out``.md and ``out``.png (+ -latency, -models)."""
     path = out.with_suffix(".json")
     old = json.loads(path.read_text()) if path.exists() else []
     new = [{k: r.get(k) for k in BENCH_KEYS} for r in rows]
     keys = {(r["model"], r["backend"], r["precision"]) for r in new}
     merged = [r for r in old if (r["model"], r["backend"], r["precision"]) not in keys] + new
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(merged, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(merged, path)
     full = [{**r, "failure_ratio": (r["failures"] / r["requests"]) if r["requests"] else 1.0} for r in merged]
     md = ["# Load-test benchmark", "", "Produced by `python -m loadtest.run … --bench-out benchmarks/loadtest`: the "
           "service, Locust and the models share this machine's cores, so these figures include that contention.",
           "", *table(merged), "", *best_lines(best_within_slo(full, slo_ms), slo_ms), "",
           "![throughput](loadtest.png)", ""]
-    out.with_suffix(".md").write_text("\n".join(md))
-    plots_dir = out.parent
-    plots(merged, plots_dir)
-    os.replace(plots_dir / "throughput.png", out.with_suffix(".png"))
-    for extra in ("latency.png", "models.png"):
-        os.replace(plots_dir / extra, out.with_name(f"{out.stem}-{extra}"))
+    atomic_write(out.with_suffix(".md"), "\n".join(md))
+    for name, fig in plots(merged).items():
+        save_figure(fig, out.with_suffix(".png") if name == "throughput" else out.with_name(f"{out.stem}-{name}.png"))

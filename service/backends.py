@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from service.config import ModelSpec
 from service.preprocessing import Preprocessing
-from service.runtime import ArtifactError, cpu_name, gpu_name, load_ort_model, verify_sha256
+from service.runtime import ArtifactError, load_ort_model, verify_sha256
+from utils import ModelRef, cpu_name, gpu_name
 
 
 @dataclass
 class LoadedModel:
-    spec: ModelSpec
+    ref: ModelRef
     preprocessing: Preprocessing
     predict: Callable[[np.ndarray], np.ndarray]  # float32 NCHW → logits
     provider: str
@@ -26,7 +26,7 @@ class LoadedModel:
 
     def describe(self) -> dict:
         p = self.preprocessing
-        return {"name": self.spec.name, "tag": self.spec.tag, "backend": self.spec.backend, "provider": self.provider,
+        return {"name": self.ref.name, "tag": self.ref.tag, "backend": self.ref.backend, "provider": self.provider,
                 "precision": self.precision, "image_size": p.image_size, "input_size": p.input_size,
                 "classes": list(p.classes), "accuracy": self.info.get("accuracy"),
                 "sha256": self.info.get("sha256"), "size_bytes": self.info.get("size_bytes"),
@@ -63,32 +63,32 @@ def model_info(stored) -> tuple[dict, Preprocessing, Path]:
     return meta, pre, Path(stored.path_of(meta["file"]))
 
 
-def load_model(spec: ModelSpec, stored, intra_op_threads: int = 0, warmup_batch: int = 8,
+def load_model(ref: ModelRef, stored, intra_op_threads: int = 0, warmup_batch: int = 8,
                ort_spinning: bool = True, instances: int = 1) -> LoadedModel:
     """``instances`` independent copies (sessions, engine contexts) serve calls from as many threads at
     once; with ``intra_op_threads`` each, they share the cores (e.g. 2 × 1 thread on 2 cores)."""
     if instances < 1:
-        raise ArtifactError(f"model {spec.name}: instances must be at least 1, got {instances}")
+        raise ArtifactError(f"model {ref.name}: instances must be at least 1, got {instances}")
     meta, pre, path = model_info(stored)
     verify_sha256(path, meta["sha256"])
-    if spec.backend.startswith("onnxruntime"):
-        cuda = spec.backend == "onnxruntime-cuda"
+    if ref.backend.startswith("onnxruntime"):
+        cuda = ref.backend == "onnxruntime-cuda"
 
         def make() -> tuple[Callable[[np.ndarray], np.ndarray], str]:
             m = load_ort_model(path, ["cuda"] if cuda else ["cpu"], threads=intra_op_threads or None,
                                require=cuda, spinning=ort_spinning)
             return m, m.provider
-    elif spec.backend == "tensorrt":
+    elif ref.backend == "tensorrt":
         from service.tensorrt_engine import TrtRunner, unavailable_reason
 
         reason = unavailable_reason()
         if reason:
-            raise ArtifactError(f"model {spec.name}: backend tensorrt unavailable: {reason}")
+            raise ArtifactError(f"model {ref.name}: backend tensorrt unavailable: {reason}")
 
         def make() -> tuple[Callable[[np.ndarray], np.ndarray], str]:
             return TrtRunner(path), "TensorRT"
     else:
-        raise ArtifactError(f"model {spec.name}: unknown backend {spec.backend}")
+        raise ArtifactError(f"model {ref.name}: unknown backend {ref.backend}")
     members = []
     for _ in range(instances):
         m, provider = make()
@@ -96,5 +96,5 @@ def load_model(spec: ModelSpec, stored, intra_op_threads: int = 0, warmup_batch:
             m(np.zeros((n, *pre.input_shape), dtype=np.float32))
         members.append(m)
     predict = members[0] if instances == 1 else InstancePool(members)
-    return LoadedModel(spec, pre, predict, provider, str(meta.get("precision", "?")), meta, instances)
+    return LoadedModel(ref, pre, predict, provider, str(meta.get("precision", "?")), meta, instances)
 

@@ -1,116 +1,121 @@
-"""Service configuration: which models, which backend each, batching, limits, workers and threads.
+"""Service configuration: the models to serve, batching, limits and workers.
 
-Read at import time (``bentoml build`` packs the models it names) from, in order:
-``$CIFAR_DEPLOY_CONFIG`` (a YAML file), ``$CIFAR_DEPLOY_MODELS`` (``name=tag[@backend],…``), or
-``service/config.yaml``. Environment variables ``CIFAR_DEPLOY_<FIELD>`` override single fields.
+The defaults are the :class:`ServiceConfig` fields below. They are overridden, in order, by a YAML
+file (``$CIFAR_DEPLOY_CONFIG``, else ``service/config.yaml``; of a file with one section per stage, its
+``service:`` section) and by environment variables ``CIFAR_DEPLOY_<FIELD>``
+(``CIFAR_DEPLOY_MODELS=name=tag[@backend],…`` replaces ``models`` only). Read when the service module is
+imported, so ``bentoml build`` packs the models it names.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from utils import ModelRef, UserError, yaml_defaults
 
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
-TOPOLOGIES = ("split", "inline")
+GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt")
 DEFAULT_FILE = Path(__file__).with_name("config.yaml")
+ENV_PREFIX = "CIFAR_DEPLOY_"
 
 
-class ConfigError(ValueError):
-    """An unusable service configuration; the message says which entry."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str  # the name clients use (?model=…)
-    tag: str  # BentoML model tag, e.g. demo-efficientnet_lite0-int8:latest
-    backend: str = "onnxruntime"
-
-    @property
-    def key(self) -> str:
-        """A Python identifier derived from the name (for API and attribute names)."""
-        return re.sub(r"\W", "_", self.name)
+class ConfigError(UserError):
+    """An unusable service configuration; the message names the setting."""
 
 
 @dataclass
 class ServiceConfig:
-    models: list[ModelSpec] = field(default_factory=list)
-    # split: HTTP entry + runner service (BentoML adaptive batching; runners scale per GPU);
-    # inline: one process decodes and runs the models (in-process batching; no internal HTTP hop)
-    topology: str = "inline"
-    max_batch_size: int = 32
-    max_latency_ms: int = 1000
-    runner_workers: int = 1
-    runner_threads: int = 4
-    api_workers: int = 1
-    api_threads: int = 8
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default (all cores)
-    model_instances: int = 1  # sessions per model run in parallel, each with intra_op_threads threads
-    ort_spinning: bool = False  # ONNX Runtime threads busy-wait between calls (off: cores go to HTTP/decoding)
-    max_upload_mb: float = 10.0
-    max_megapixels: float = 40.0
-    max_batch_images: int = 64
-    default_top_k: int = 5
-    timeout_s: int = 30
-    access_log: bool = False  # one log line per request in each service: costs CPU under load
+    models: list[ModelRef] = field(default_factory=list, metadata={
+        "help": "served models, {name, tag, backend} (tag: BentoML model tag; backend: " + " | ".join(BACKENDS)
+                + "); the first is the default"})
+    workers: int = field(default=1, metadata={
+        "help": "worker processes, each with every model; with a GPU backend, one GPU each"})
+    max_batch_size: int = field(default=32, metadata={"help": "most images per inference call"})
+    max_latency_ms: int = field(default=1000, metadata={
+        "help": "requests that waited longer in the batching queue are shed (503)"})
+    intra_op_threads: int = field(default=0, metadata={"help": "ONNX Runtime threads per session; 0: all cores"})
+    model_instances: int = field(default=1, metadata={
+        "help": "sessions per model, each running one batch at a time (small CPU models: one per core with "
+                "intra_op_threads 1 is fastest; benchmarks/service.md)"})
+    ort_spinning: bool = field(default=False, metadata={
+        "help": "ONNX Runtime threads busy-wait between calls (off leaves the cores to HTTP and decoding)"})
+    max_upload_mb: float = field(default=10.0, metadata={"help": "largest request body (413 above)"})
+    max_megapixels: float = field(default=40.0, metadata={"help": "largest image, checked from its header (413)"})
+    max_batch_images: int = field(default=64, metadata={"help": "most images in one /classify_batch request (413)"})
+    default_top_k: int = field(default=5, metadata={"help": "labels per image when a request gives no top_k"})
+    timeout_s: int = field(default=30, metadata={"help": "BentoML's per-request timeout"})
+    access_log: bool = field(default=False, metadata={"help": "one log line per request (costs CPU under load)"})
+
+    @property
+    def uses_gpu(self) -> bool:
+        return any(m.backend in GPU_BACKENDS for m in self.models)
 
 
-def _parse_models(items) -> list[ModelSpec]:
+_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _coerce(name: str, kind: type, value):
+    """A YAML value or an environment string as ``kind`` (bool, int or float); a ConfigError names the setting."""
+    try:
+        if isinstance(value, str):
+            value = _BOOLEANS[value.strip().lower()] if kind is bool else kind(value.strip())
+        if isinstance(value, (int, float) if kind is float else kind) and (kind is bool or not isinstance(value, bool)):
+            return kind(value)
+    except (KeyError, ValueError):
+        pass
+    raise ConfigError(f"{name}: {value!r} is not a valid {kind.__name__}")
+
+
+def _models(items) -> list[ModelRef]:
+    if isinstance(items, str):
+        items = [s for s in items.split(",") if s.strip()]
+    if not isinstance(items, list) or not items:
+        raise ConfigError("models: expected a non-empty list of {name, tag, backend} (name=tag[@backend],… in "
+                          f"{ENV_PREFIX}MODELS)")
     out = []
-    for item in items or []:
-        if isinstance(item, str):
-            name, _, rest = item.partition("=")
-            tag, _, backend = rest.partition("@")
-            item = {"name": name.strip(), "tag": tag.strip(), "backend": backend.strip() or "onnxruntime"}
-        if not isinstance(item, dict) or not item.get("name") or not item.get("tag"):
-            raise ConfigError(f"model entry {item!r} needs a name and a tag")
-        spec = ModelSpec(str(item["name"]), str(item["tag"]), str(item.get("backend", "onnxruntime")))
-        if spec.backend not in BACKENDS:
-            raise ConfigError(f"model {spec.name}: unknown backend {spec.backend!r}; valid: {', '.join(BACKENDS)}")
-        out.append(spec)
+    for i, item in enumerate(items):
+        try:
+            ref = ModelRef.parse(item)
+        except UserError as e:
+            raise ConfigError(f"models[{i}]: {e}") from None
+        if ref.backend not in BACKENDS:
+            raise ConfigError(f"models[{i}] ({ref.name}): unknown backend {ref.backend!r}; "
+                              f"valid: {', '.join(BACKENDS)}")
+        out.append(ref)
     names = [m.name for m in out]
     if len(set(names)) != len(names):
-        raise ConfigError(f"model names must be unique: {names}")
+        raise ConfigError(f"models: names must be unique, got {', '.join(names)}")
     return out
 
 
 def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
+    """Defaults ← the YAML file ← ``CIFAR_DEPLOY_<FIELD>`` variables of ``environ`` (default: os.environ)."""
     env = os.environ if environ is None else environ
-    raw: dict = {}
-    path = env.get("CIFAR_DEPLOY_CONFIG")
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"CIFAR_DEPLOY_CONFIG points to {p}, which does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
-    elif env.get("CIFAR_DEPLOY_MODELS"):
-        raw = {"models": [m for m in env["CIFAR_DEPLOY_MODELS"].split(",") if m.strip()]}
-    elif DEFAULT_FILE.is_file():
-        raw = yaml.safe_load(DEFAULT_FILE.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError("the service configuration must be a mapping")
-    known = {f.name: f for f in fields(ServiceConfig)}
-    unknown = set(raw) - set(known)
-    if unknown:
-        raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
-    cfg = ServiceConfig(models=_parse_models(raw.get("models")))
-    for name in known:
-        if name == "models":
-            continue
-        value = env.get(f"CIFAR_DEPLOY_{name.upper()}", raw.get(name))
-        if value is not None:
-            try:
-                kind = type(getattr(cfg, name))
-                if kind is bool and isinstance(value, str):
-                    value = value.strip().lower() in ("1", "true", "yes", "on")
-                setattr(cfg, name, kind(value))
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"{name}: {value!r} is not a valid {type(getattr(cfg, name)).__name__}") from e
-    if cfg.topology not in TOPOLOGIES:
-        raise ConfigError(f"topology: {cfg.topology!r} is not one of {', '.join(TOPOLOGIES)}")
-    if min(cfg.max_batch_size, cfg.max_batch_images, cfg.default_top_k, cfg.model_instances) < 1:
-        raise ConfigError("max_batch_size, max_batch_images, default_top_k and model_instances must be positive")
+    types = typing.get_type_hints(ServiceConfig)
+    path = Path(env["CIFAR_DEPLOY_CONFIG"]) if env.get("CIFAR_DEPLOY_CONFIG") else DEFAULT_FILE
+    if not path.is_file():
+        raise ConfigError(f"CIFAR_DEPLOY_CONFIG points to {path}, which does not exist")
+    try:
+        values = dict(yaml_defaults(path, ServiceConfig, section="service"))  # unknown keys refused
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    for key, value in env.items():
+        if key.startswith(ENV_PREFIX) and key != "CIFAR_DEPLOY_CONFIG":
+            name = key[len(ENV_PREFIX):].lower()
+            if name not in types:
+                raise ConfigError(f"{key}: unknown setting; valid: CIFAR_DEPLOY_CONFIG and {ENV_PREFIX}<FIELD> for "
+                                  f"the fields {', '.join(types)}")
+            values[name] = value
+    kwargs = {name: _coerce(name, types[name], value) for name, value in values.items() if name != "models"}
+    kwargs["models"] = _models(values.get("models"))
+    cfg = ServiceConfig(**kwargs)
+    for name in ("workers", "max_batch_size", "max_latency_ms", "model_instances", "max_batch_images",
+                 "default_top_k", "timeout_s", "max_upload_mb", "max_megapixels"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name}: must be positive, got {getattr(cfg, name)}")
+    if cfg.intra_op_threads < 0:
+        raise ConfigError(f"intra_op_threads: must be 0 (all cores) or more, got {cfg.intra_op_threads}")
     return cfg

@@ -27,16 +27,14 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     classes: tuple[str, ...]
-    resize: str = "bilinear"
-    layout: str = "NCHW"
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
+        """Other keys are ignored (older exports also wrote ``resize`` and ``layout``, never read)."""
         try:
             p = cls(image_size=int(d["image_size"]), input_size=int(d["input_size"]),
                     mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
-                    classes=tuple(str(c) for c in d["classes"]), resize=str(d.get("resize", "bilinear")),
-                    layout=str(d.get("layout", "NCHW")))
+                    classes=tuple(str(c) for c in d["classes"]))
         except (KeyError, TypeError, ValueError) as e:
             raise PreprocessingError(f"invalid preprocessing metadata: {type(e).__name__}: {e}") from e
         if len(p.mean) != 3 or len(p.std) != 3 or min(p.std) <= 0 or not p.classes or p.image_size < 1:

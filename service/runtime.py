@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from service.preprocessing import METADATA_KEY, Preprocessing
+from utils import sha256_file
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -20,39 +18,8 @@ PROVIDER_ALIASES = {
 }
 
 
-def cpu_name() -> str:
-    """``model name (N cores)`` of this machine's CPU."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def gpu_name() -> str | None:
-    """Name of GPU 0 through nvidia-ml-py, or None."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
-        return name.decode() if isinstance(name, bytes) else name
-    except Exception:
-        return None
-
-
 class ArtifactError(RuntimeError):
     """A missing, corrupt or tampered artifact; the message names the file."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_sha256(path: str | Path, expected: str) -> None:
@@ -123,7 +90,6 @@ def load_ort_model(path: str | Path, providers: list[str] | None = None, threads
         raise ArtifactError(f"{path} carries no preprocessing metadata ({METADATA_KEY}); export it with "
                             "python -m export")
     return OrtModel(sess, used, Preprocessing.from_json(meta[METADATA_KEY]), sess.get_inputs()[0].name, path)
-
 
 
 def read_manifest(manifest_path: str | Path) -> dict:

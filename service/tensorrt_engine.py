@@ -9,11 +9,12 @@ Nothing here runs in CI (no GPU there).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from utils import atomic_write
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,9 @@ def build_engine(onnx_path: Path, plan_path: Path, chw: tuple[int, int, int], pr
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
-    _atomic_write(plan_path, bytes(serialized))
+    atomic_write(plan_path, bytes(serialized))
     if timing_cache is not None:
-        _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+        atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
 class TrtRunner:

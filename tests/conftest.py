@@ -38,13 +38,13 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, synthetic_dir) -> Path:
     """A finished 1-epoch scratch_cnn run on the synthetic set (seconds to train and export)."""
-    from training.train import TrainConfig, Trainer
+    from training.train import TrainConfig, train
 
     runs = tmp_path_factory.mktemp("runs")
     cfg = TrainConfig(model="scratch_cnn", weights="none", strategy="full", dataset="cifar10",
                       data_dir=str(synthetic_dir), download=False, epochs=2, batch_size=32, lr=3e-3,
                       runs_dir=str(runs), name="tiny", threads=2)
-    Trainer(cfg).run()
+    train(cfg)
     return runs / "tiny"
 
 
@@ -54,6 +54,6 @@ def exported(tiny_run, synthetic_dir, tmp_path_factory):
     from export.exporter import ExportConfig, run_export
 
     out = tmp_path_factory.mktemp("artifacts")
-    manifest = run_export(ExportConfig(run_dir=str(tiny_run), out_dir=str(out), data_dir=str(synthetic_dir),
+    manifest = run_export(ExportConfig(run_dir=str(tiny_run), out=str(out), data_dir=str(synthetic_dir),
                                        calib_images=64, threads=2))
     return out, manifest

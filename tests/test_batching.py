@@ -1,4 +1,4 @@
-"""In-process adaptive batching (the inline topology's ``MicroBatcher``)."""
+"""In-process adaptive batching (the service's ``MicroBatcher``) and model instance pools."""
 
 import asyncio
 import threading

@@ -2,8 +2,10 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from training.data import (
+    EpochBatches,
     ImageArrayDataset,
     load_cifar,
     load_dataset,
@@ -11,7 +13,7 @@ from training.data import (
     stratified_split,
     write_synthetic,
 )
-from training.errors import UserError
+from utils import UserError
 
 
 def test_synthetic_is_marked_and_deterministic(tmp_path, synthetic_dir):
@@ -107,3 +109,18 @@ def test_augmentation_parsing_and_shapes(synthetic_dir):
     plain = ImageArrayDataset(data.train_x[:1], data.train_y[:1], (0.5,) * 3, (0.25,) * 3)
     expected = (data.train_x[0].transpose(2, 0, 1) / 255.0 - 0.5) / 0.25
     np.testing.assert_allclose(plain[0][0].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,batch_size,sizes", [(9, 4, [4, 4]), (10, 4, [4, 4, 2]), (1, 4, [1]), (3, 1, [1, 1]),
+                                                (0, 4, [])])
+def test_epoch_batches_reshuffle_and_drop_a_trailing_single(n, batch_size, sizes):
+    sampler = EpochBatches(n, batch_size, torch.Generator().manual_seed(0))
+    epochs = [list(sampler) for _ in range(3)]
+    for batches in epochs:
+        assert [len(b) for b in batches] == sizes and len(sampler) == len(sizes)
+        flat = [i for b in batches for i in b]
+        assert len(set(flat)) == len(flat) and set(flat) <= set(range(n))
+    if n > 3:
+        assert epochs[0] != epochs[1]  # a new order every epoch
+    again = EpochBatches(n, batch_size, torch.Generator().manual_seed(0))
+    assert [list(again) for _ in range(3)] == epochs  # the generator alone decides the orders

@@ -15,6 +15,7 @@ from service import tensorrt_engine as trt_engine
 from service.preprocessing import METADATA_KEY, Preprocessing
 from service.runtime import ArtifactError, load_ort_model, open_artifact
 from training.data import load_cifar
+from utils import sha256_file
 
 
 def test_fp32_has_dynamic_batch_and_matches_pytorch(exported, tiny_run, synthetic_dir):
@@ -107,7 +108,7 @@ def test_manifest_verifies_and_tampering_is_refused(exported, tmp_path):
 def test_rerun_skips_up_to_date_artifacts(exported, tiny_run, synthetic_dir, capsys):
     out, manifest = exported
     before = {f: (out / f).stat().st_mtime_ns for f in ("model.onnx", "model.int8.onnx")}
-    again = run_export(ExportConfig(run_dir=str(tiny_run), out_dir=str(out), data_dir=str(synthetic_dir),
+    again = run_export(ExportConfig(run_dir=str(tiny_run), out=str(out), data_dir=str(synthetic_dir),
                                     calib_images=64, threads=2))
     printed = capsys.readouterr().out
     assert "up to date" in printed and "PyTorch reference" not in printed
@@ -149,13 +150,13 @@ def test_bentoml_store_holds_each_artifact(exported):
     for fmt in ("fp32", "int8"):
         bm = bentoml.models.get(manifest["artifacts"][fmt]["bentoml_tag"])
         assert bm.info.metadata["sha256"] == manifest["artifacts"][fmt]["sha256"]
-        assert (bm.path_of(manifest["artifacts"][fmt]["file"]))
+        assert sha256_file(bm.path_of(manifest["artifacts"][fmt]["file"])) == manifest["artifacts"][fmt]["sha256"]
 
 
 def test_parity_failure_fails_loudly(tiny_run, synthetic_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(exporter, "MAX_ABS_DIFF", -1.0)
     with pytest.raises(ExportError, match="parity"):
-        run_export(ExportConfig(run_dir=str(tiny_run), out_dir=str(tmp_path), data_dir=str(synthetic_dir),
+        run_export(ExportConfig(run_dir=str(tiny_run), out=str(tmp_path), data_dir=str(synthetic_dir),
                                 formats=["fp32"], bentoml=False))
     assert not (tmp_path / "model.onnx").exists()
 
@@ -185,14 +186,15 @@ def test_benchmark_writes_rows_table_and_plot(exported, tmp_path):
     assert {r["format"] for r in rows} == {"pytorch", "fp32", "fp16", "int8", "int8_trt"}
     assert {r["batch"] for r in rows} == {1, 4}
     assert all(r["throughput_ips"] > 0 and r["p95_ms"] >= r["p50_ms"] > 0 for r in rows)
-    assert all(r["accuracy"] is None for r in rows)  # random init: timed only
+    assert all(r["accuracy"] is not None and not r["pretrained"] for r in rows)  # recorded, shown as speed only
     md = dest.with_suffix(".md").read_text()
+    assert all(line.split(" | ")[3:5] == ["–", "–"] for line in md.splitlines() if line.startswith("| ONNX"))
     assert "INT8 (CPU Q/DQ) ÷ FP32" in md and dest.with_suffix(".png").stat().st_size > 1000
     assert benchmark.main([str(tmp_path / "missing")]) == 2
 
 
 def test_relative_output_folder(tiny_run, synthetic_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    manifest = run_export(ExportConfig(run_dir=str(tiny_run), out_dir="rel/out", data_dir=str(synthetic_dir),
+    manifest = run_export(ExportConfig(run_dir=str(tiny_run), out="rel/out", data_dir=str(synthetic_dir),
                                        formats=["fp32", "int8"], calib_images=16, bentoml=False))
     assert (tmp_path / "rel/out/model.int8.onnx").is_file() and "sha256" in manifest["artifacts"]["int8"]

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from training.errors import UserError
 from training.models import (
     HEADS,
     build_head,
@@ -12,6 +11,7 @@ from training.models import (
     list_models,
     load_state_dict_file,
 )
+from utils import UserError
 
 EXPECTED = {"efficientnet_b0", "resnet50", "alexnet", "googlenet", "efficientnet_lite0", "scratch_cnn"}
 

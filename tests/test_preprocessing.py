@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.config import ConfigError, load_config
+from service.config import ConfigError, ServiceConfig, load_config
 from service.preprocessing import ImageError, Preprocessing, PreprocessingError, decode_image, fit_image
+from utils import ModelRef
 
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -94,26 +95,56 @@ def test_preprocessing_round_trip_and_validation():
         Preprocessing.from_json("{")
 
 
-def test_service_config(tmp_path):
-    cfg = load_config({"CIFAR_DEPLOY_MODELS": "a=x:1,b=y:latest@onnxruntime-cuda", "CIFAR_DEPLOY_MAX_BATCH_SIZE": "8"})
-    assert [(m.name, m.tag, m.backend) for m in cfg.models] == [("a", "x:1", "onnxruntime"),
-                                                                 ("b", "y:latest", "onnxruntime-cuda")]
-    assert cfg.max_batch_size == 8
-    with pytest.raises(ConfigError, match="unknown backend"):
-        load_config({"CIFAR_DEPLOY_MODELS": "a=x@tpu"})
-    with pytest.raises(ConfigError, match="unique"):
-        load_config({"CIFAR_DEPLOY_MODELS": "a=x,a=y"})
-    assert load_config({"CIFAR_DEPLOY_MODELS": "a=x"}).topology == "inline"
-    assert load_config({"CIFAR_DEPLOY_MODELS": "a=x", "CIFAR_DEPLOY_TOPOLOGY": "split"}).topology == "split"
-    with pytest.raises(ConfigError, match="topology"):
-        load_config({"CIFAR_DEPLOY_MODELS": "a=x", "CIFAR_DEPLOY_TOPOLOGY": "mesh"})
-    assert load_config({"CIFAR_DEPLOY_MODELS": "a=x", "CIFAR_DEPLOY_MODEL_INSTANCES": "2"}).model_instances == 2
-    with pytest.raises(ConfigError, match="model_instances must be positive"):
-        load_config({"CIFAR_DEPLOY_MODELS": "a=x", "CIFAR_DEPLOY_MODEL_INSTANCES": "0"})
+def test_old_preprocessing_metadata_still_loads():
+    old = {"image_size": 32, "input_size": 224, "mean": [0.5] * 3, "std": [0.25] * 3, "classes": ["a", "b"],
+           "resize": "bilinear", "layout": "NCHW"}  # written by earlier exports
+    assert Preprocessing.from_dict(old) == Preprocessing(32, 224, (0.5,) * 3, (0.25,) * 3, ("a", "b"))
+    assert "resize" not in Preprocessing.from_dict(old).to_dict()
+
+
+def test_service_config_sources_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("models: [{name: a, tag: 'x:1'}, {name: b, tag: 'y:1'}]\nmodel_instances: 3\nmax_batch_size: 8\n")
+    cfg = load_config({"CIFAR_DEPLOY_CONFIG": str(path)})
+    assert [m.name for m in cfg.models] == ["a", "b"] and cfg.model_instances == 3 and cfg.max_batch_size == 8
+    assert cfg.max_upload_mb == ServiceConfig.max_upload_mb  # not in the file: the dataclass default
+    # CIFAR_DEPLOY_MODELS replaces the models only; the file's other settings stay; env fields win over the file
+    cfg = load_config({"CIFAR_DEPLOY_CONFIG": str(path), "CIFAR_DEPLOY_MODELS": "c=z:1@onnxruntime-cuda",
+                       "CIFAR_DEPLOY_MAX_BATCH_SIZE": "16", "CIFAR_DEPLOY_ORT_SPINNING": "true"})
+    assert cfg.models == [ModelRef("c", "z:1", "onnxruntime-cuda")] and cfg.uses_gpu
+    assert cfg.model_instances == 3 and cfg.max_batch_size == 16 and cfg.ort_spinning is True
+    staged = tmp_path / "demo.yaml"  # one section per stage, as in configs/*.yaml
+    staged.write_text("train: {epochs: 1}\nservice: {models: [{name: d, tag: 'w:1'}], workers: 2}\nloadtest: {}\n")
+    cfg = load_config({"CIFAR_DEPLOY_CONFIG": str(staged)})
+    assert cfg.models == [ModelRef("d", "w:1")] and cfg.workers == 2
+    committed = load_config({})  # service/config.yaml
+    assert committed.models and not committed.uses_gpu
+
+
+@pytest.mark.parametrize("env,match", [
+    ({"CIFAR_DEPLOY_MODELS": "a=x@tpu"}, "unknown backend 'tpu'"),
+    ({"CIFAR_DEPLOY_MODELS": "a=x,a=y"}, "unique"),
+    ({"CIFAR_DEPLOY_MODELS": "=x"}, r"models\[0\]: .*needs a name and a tag"),
+    ({"CIFAR_DEPLOY_MODEL_INSTANCES": "0"}, "model_instances: must be positive"),
+    ({"CIFAR_DEPLOY_MAX_BATCH_SIZE": "lots"}, "max_batch_size: 'lots' is not a valid int"),
+    ({"CIFAR_DEPLOY_ACCESS_LOG": "maybe"}, "access_log: 'maybe' is not a valid bool"),
+    ({"CIFAR_DEPLOY_TOPOLOGY": "split"}, "CIFAR_DEPLOY_TOPOLOGY: unknown setting"),
+])
+def test_service_config_refuses_bad_settings_by_name(env, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(env)
+
+
+def test_service_config_file_errors(tmp_path):
     bad = tmp_path / "c.yaml"
-    bad.write_text("models: []\nmax_batch: 3\n")
-    with pytest.raises(ConfigError, match="unknown configuration keys: max_batch"):
+    bad.write_text("models: [{name: a, tag: x}]\nmax_batch: 3\n")
+    with pytest.raises(ConfigError, match="unknown options max_batch"):
+        load_config({"CIFAR_DEPLOY_CONFIG": str(bad)})
+    bad.write_text("models: [{name: a, tag: x}]\nmax_upload_mb: [1]\n")
+    with pytest.raises(ConfigError, match="max_upload_mb: \\[1\\] is not a valid float"):
+        load_config({"CIFAR_DEPLOY_CONFIG": str(bad)})
+    bad.write_text("max_batch_size: 4\n")
+    with pytest.raises(ConfigError, match="models: expected a non-empty list"):
         load_config({"CIFAR_DEPLOY_CONFIG": str(bad)})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config({"CIFAR_DEPLOY_CONFIG": str(tmp_path / "missing.yaml")})
-    assert [m.name for m in load_config({}).models]  # the committed default config parses

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from training.errors import UserError
 from training.models import get_model
 from training.strategies import apply_strategy, backbone_layers, parse_strategy, train_mode
+from utils import UserError
 
 
 def _trainable(model):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from benchmarks.study import load_study, main
-from training.errors import UserError
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,14 +73,20 @@ def test_a_tiny_study_runs_end_to_end_and_reports(tmp_path, synthetic_dir):
     assert (tmp_path / "report.png").stat().st_size > 0
 
 
+@pytest.mark.heavy
 def test_make_demo_small_runs_the_whole_chain(tmp_path, synthetic_dir):
-    """`make demo` in its reduced mode: train, export, bentoml build, serve the bento, load-test, report."""
+    """`make demo` on configs/demo-small.yaml: train, export, bentoml build, serve the bento, load-test, report."""
+    cfg = yaml.safe_load((ROOT / "configs" / "demo-small.yaml").read_text())
+    cfg["train"]["runs_dir"] = str(tmp_path / "runs")
+    cfg["export"].update(run_dir=str(tmp_path / "runs" / "demo-small"), out=str(tmp_path / "artifacts"))
+    cfg["loadtest"]["reports_dir"] = str(tmp_path / "reports")
+    demo = write(tmp_path, cfg)
     env = {**os.environ, "CIFAR_ROOT": str(synthetic_dir), "BENTOML_DO_NOT_TRACK": "true"}
-    r = subprocess.run(["make", "demo-small", f"BIN={Path(sys.executable).parent}", f"RUNS_DIR={tmp_path}/runs",
-                        f"ARTIFACTS_DIR={tmp_path}/artifacts", f"REPORTS_DIR={tmp_path}/reports"],
+    r = subprocess.run(["make", "demo", f"DEMO={demo}", f"BIN={Path(sys.executable).parent}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "try:       curl" in r.stdout
+    assert (tmp_path / "artifacts" / "model.int8.onnx").is_file()
     results = json.loads((tmp_path / "reports" / "latest" / "results.json").read_text())
     rows = results["rows"]
     assert {row["scenario"] for row in rows} >= {"single-stream", "offline"}

@@ -4,9 +4,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from training import compare
-from training.errors import UserError
-from training.train import TrainConfig, Trainer, main
+from training import compare, engine
+from training.engine import pick_device
+from training.train import TrainConfig, build_parser, main, train
+from utils import UserError, parse_config
 
 
 def cfg_for(tmp_path, synthetic_dir, **kw) -> TrainConfig:
@@ -19,7 +20,7 @@ def cfg_for(tmp_path, synthetic_dir, **kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, synthetic_dir):
     tmp = tmp_path_factory.mktemp("run")
-    metrics = Trainer(cfg_for(tmp, synthetic_dir)).run()
+    metrics = train(cfg_for(tmp, synthetic_dir))
     return tmp / "runs" / "t", metrics
 
 
@@ -42,6 +43,7 @@ def test_two_epoch_run_learns_and_writes_every_output(finished_run):
     pre = mj["preprocessing"]
     assert pre["input_size"] == 64 and pre["image_size"] == 32
     assert pre["classes"] == mj["classes"] and len(pre["mean"]) == 3
+    assert set(pre) == {"image_size", "input_size", "mean", "std", "classes"}  # what service.preprocessing reads
     assert mj["synthetic"] is True and mj["checkpoint"] == "best.pt"
 
 
@@ -49,36 +51,40 @@ def test_rerun_without_resume_refuses_to_overwrite(finished_run, tmp_path):
     run_dir, _ = finished_run
     cfg = TrainConfig(runs_dir=str(run_dir.parent), name="t")
     with pytest.raises(UserError, match="--resume"):
-        Trainer(cfg).run()
+        train(cfg)
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, synthetic_dir, monkeypatch):
     cfg = cfg_for(tmp_path, synthetic_dir, epochs=3, name="straight")
-    straight = Trainer(cfg).run()
+    straight = train(cfg)
 
-    calls = {"n": 0}
-    original = Trainer._train_epoch
+    original, calls = engine.train_one_epoch, []
 
-    def interrupted(self, epoch, gen):
-        calls["n"] += 1
-        if epoch == 2:
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C during the third epoch
             raise KeyboardInterrupt
-        return original(self, epoch, gen)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "_train_epoch", interrupted)
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(replace(cfg, name="resumed")).run()
-    monkeypatch.setattr(Trainer, "_train_epoch", original)
-    resumed = Trainer(replace(cfg, name="resumed", resume=True)).run()
+        train(replace(cfg, name="resumed"))
+    monkeypatch.setattr(engine, "train_one_epoch", original)
+    resumed = train(replace(cfg, name="resumed", resume=True))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     for a, b in zip(straight["history"], resumed["history"], strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
     assert resumed["test_accuracy"] == pytest.approx(straight["test_accuracy"])
+    assert train(replace(cfg, name="resumed", resume=True)) == resumed  # finished: a no-op
+    with pytest.raises(UserError, match="strategy='frozen', not 'full'"):
+        train(replace(cfg, name="resumed", resume=True, strategy="full"))
 
 
 def test_cached_features_match_uncached_training(tmp_path, synthetic_dir):
-    cached = Trainer(cfg_for(tmp_path, synthetic_dir, name="cached", cache_features="on")).run()
-    plain = Trainer(cfg_for(tmp_path, synthetic_dir, name="plain", cache_features="off")).run()
+    # a backbone with BatchNorm and dropout (both off when frozen), and a head with dropout and BatchNorm
+    kw = dict(model="scratch_cnn", weights="none", input_size=None, head="gap_dropout_dense_bn")
+    cached = train(cfg_for(tmp_path, synthetic_dir, name="cached", cache_features="on", **kw))
+    plain = train(cfg_for(tmp_path, synthetic_dir, name="plain", cache_features="off", **kw))
     assert cached["feature_cache"] and not plain["feature_cache"]
     for a, b in zip(cached["history"], plain["history"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-3)
@@ -87,19 +93,19 @@ def test_cached_features_match_uncached_training(tmp_path, synthetic_dir):
 
 def test_cache_refused_with_augmentation(tmp_path, synthetic_dir):
     with pytest.raises(UserError, match="augmentation"):
-        Trainer(cfg_for(tmp_path, synthetic_dir, cache_features="on", augment="crop")).run()
+        train(cfg_for(tmp_path, synthetic_dir, cache_features="on", augment="crop"))
 
 
 def test_last_n_with_augmentation_trains(tmp_path, synthetic_dir):
-    m = Trainer(cfg_for(tmp_path, synthetic_dir, strategy="last-5", epochs=1, augment="crop,flip", lr=1e-3,
-                        limit_train=128, limit_test=40, name="lastn")).run()
+    m = train(cfg_for(tmp_path, synthetic_dir, strategy="last-5", epochs=1, augment="crop,flip", lr=1e-3,
+                      limit_train=128, limit_test=40, name="lastn"))
     assert not m["feature_cache"] and m["augment"] == ["crop", "flip"]
     assert m["params_trainable"] > 1290
 
 
 def test_two_phase_switches_phase(tmp_path, synthetic_dir):
-    m = Trainer(cfg_for(tmp_path, synthetic_dir, model="scratch_cnn", weights="none", input_size=None,
-                        strategy="two-phase", epochs=2, phase1_epochs=1, limit_train=96, name="two")).run()
+    m = train(cfg_for(tmp_path, synthetic_dir, model="scratch_cnn", weights="none", input_size=None,
+                      strategy="two-phase", epochs=2, phase1_epochs=1, limit_train=96, name="two"))
     assert [h["phase"] for h in m["history"]] == ["frozen", "full"]
     assert m["history"][1]["lr"] == pytest.approx(m["history"][0]["lr"] * 0.1, rel=0.5)
 
@@ -109,7 +115,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, synthetic_dir):
     run.mkdir(parents=True)
     (run / "last.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(UserError, match="corrupt checkpoint .*last.pt"):
-        Trainer(cfg_for(tmp_path, synthetic_dir, resume=True)).run()
+        train(cfg_for(tmp_path, synthetic_dir, resume=True))
 
 
 def test_cli_user_errors_exit_2_without_traceback(tmp_path, capsys):
@@ -138,17 +144,35 @@ def test_compare_writes_table_and_chart(finished_run, tmp_path):
     assert compare.main([str(tmp_path / "missing")]) == 2
 
 
-def test_device_auto_is_cpu_here():
-    from training.train import pick_device
+def test_device_auto_follows_cuda_and_cuda_without_gpu_is_refused(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert main(["--device", "cuda", "--runs-dir", str(tmp_path)]) == 2
+    assert "--device cuda" in capsys.readouterr().err
+    with pytest.raises(UserError, match="valid: auto, cpu"):
+        pick_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda")
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
 
-    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+def test_cli_flags_and_yaml_defaults(tmp_path):
+    yaml_file = tmp_path / "study.yaml"
+    yaml_file.write_text("train:\n  epochs: 7\n  model: scratch_cnn\nexport:\n  formats: [fp32]\n")
+    argv = ["--config", str(yaml_file), "--model", "resnet50", "--no-amp", "--no-download", "--resume",
+            "--synthetic-fallback", "--early-stopping", "3", "--phase1-epochs", "2", "--head", "mlp256"]
+    cfg, _ = parse_config(TrainConfig, build_parser(), argv, section="train")
+    assert cfg == TrainConfig(model="resnet50", epochs=7, amp=False, download=False, resume=True,
+                              synthetic_fallback=True, early_stopping=3, phase1_epochs=2, head="mlp256")
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, build_parser(), ["--optimizer", "lion"])
 
 
 def test_synthetic_fallback_is_loud(tmp_path, capsys):
     cfg = TrainConfig(model="scratch_cnn", weights="none", strategy="full", dataset="cifar10",
                       data_dir=str(tmp_path / "empty"), download=False, synthetic_fallback=True, epochs=1,
                       limit_train=64, limit_test=20, runs_dir=str(tmp_path / "runs"), name="fb")
-    m = Trainer(cfg).run()
+    m = train(cfg)
     err = capsys.readouterr().err
     assert "--synthetic-fallback" in err and "SYNTHETIC" in err
     assert m["synthetic"] and m["dataset"] == "synthetic-cifar10"

