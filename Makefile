@@ -29,7 +29,7 @@ demo: $(STAMP)
 	@echo
 	@echo "config:    $(DEMO) (runs/, artifacts/ and reports/ paths are set there)"
 	@echo "load test: reports/latest/report.md (or the reports_dir of $(DEMO))"
-	@echo "serve:     CIFAR_DEPLOY_CONFIG=$(DEMO) $(BIN)/bentoml serve cifar-deploy:latest --port 3000"
+	@echo "serve:     CIFAR_DEPLOY_CONFIG=$(abspath $(DEMO)) $(BIN)/bentoml serve cifar-deploy:latest --port 3000"
 	@echo "try:       curl -F image=@some.png -F top_k=3 http://127.0.0.1:3000/classify"
 
 # The same chain in a minute: a tiny scratch CNN on a slice of the data, INT8 only, seconds of load (CI runs it).
