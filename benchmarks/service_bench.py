@@ -182,6 +182,7 @@ def run(args: ServiceBenchConfig) -> None:
 
 
 def write(rows: list[dict], out: Path, args: ServiceBenchConfig) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(rows, out.with_suffix(".json"))
     lines = ["# Service benchmark", "", "Produced by `python benchmarks/service_bench.py`. Served images/s under "
              "concurrent Locust users vs in-process ONNX Runtime at the same batch size "
