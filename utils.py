@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
 import types
 import typing
@@ -282,6 +283,11 @@ def run_cli(fn, *args) -> int:
 
 # --------------------------------------------------------------------------- served models
 
+# A served name, and each of a tag's name and version (BentoML's rule): letters, digits and . _ - inside, at most
+# 63 characters; so no path separator or leading dot ever reaches the model store or a file name.
+MODEL_NAME = re.compile(r"[a-z0-9]([-._a-z0-9]{0,61}[a-z0-9])?", re.IGNORECASE)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelRef:
     """A served model: the name clients use (``?model=…``), its BentoML model tag and its backend.
@@ -305,7 +311,13 @@ class ModelRef:
         unknown = set(item) - {"name", "tag", "backend"}
         if unknown:
             raise UserError(f"model entry {item!r}: unknown keys {', '.join(sorted(unknown))}")
-        return cls(str(item["name"]), str(item["tag"]), str(item.get("backend") or "onnxruntime"))
+        ref = cls(str(item["name"]), str(item["tag"]), str(item.get("backend") or "onnxruntime"))
+        tag_name, colon, version = ref.tag.partition(":")
+        for what, value in {"name": ref.name, "tag": tag_name, **({"tag version": version} if colon else {})}.items():
+            if not MODEL_NAME.fullmatch(value):
+                raise UserError(f"{what} {value[:100]!r} is not valid: letters, digits and . _ - only, "
+                                "starting and ending with a letter or digit, at most 63 characters")
+        return ref
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

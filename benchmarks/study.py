@@ -47,6 +47,7 @@ class Experiment:
     published: list[str] = field(default_factory=list)  # ids in configs/published.yaml
     speed_only: bool = False  # random weights on purpose: size and speed rows, no accuracy claim
     loadtest: bool = True
+    nproc_per_node: int = 1  # more than 1: trained by that many torchrun processes (batch_size is per process)
 
 
 @dataclass
@@ -96,7 +97,7 @@ def load_study(path: str | Path, published: str | Path = PUBLISHED, data_dir: st
         if not isinstance(e, dict) or not e.get("name"):
             raise UserError(f"{path}: experiment {i} needs a name")
         where = f"{path}: experiment {e['name']}"
-        meta = {"name", "published", "speed_only", "loadtest"}
+        meta = {"name", "published", "speed_only", "loadtest", "nproc_per_node"}
         _check_keys(where, e, meta | train_keys)
         settings = {**defaults, **{k: v for k, v in e.items() if k not in meta}}
         cfg = TrainConfig(**settings, name=e["name"], runs_dir=runs_dir, resume=True, data_dir=data)
@@ -108,8 +109,11 @@ def load_study(path: str | Path, published: str | Path = PUBLISHED, data_dir: st
         missing = [r for r in refs if r not in pub]
         if missing:
             raise UserError(f"{where}: unknown published figures {missing}; see {published}")
+        nproc = e.get("nproc_per_node", 1)
+        if not isinstance(nproc, int) or nproc < 1:
+            raise UserError(f"{where}: nproc_per_node must be a positive integer, got {nproc!r}")
         experiments.append(Experiment(e["name"], cfg, refs, bool(e.get("speed_only", False)),
-                                      bool(e.get("loadtest", True))))
+                                      bool(e.get("loadtest", True)), nproc))
     names = [e.name for e in experiments]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: experiment names must be unique")
@@ -137,13 +141,17 @@ def _say(msg: str) -> None:
 
 
 def train_all(study: StudyConfig, only: set[str] | None) -> None:
+    from training.distributed import launch
     from training.train import train
 
     for i, e in enumerate(study.experiments, 1):
         if only and e.name not in only:
             continue
         _say(f"[{i}/{len(study.experiments)}] train {e.name}")
-        train(e.train)  # resume=True: a finished run is reused, an interrupted one continues
+        if e.nproc_per_node > 1:  # resume=True: a finished run is reused, an interrupted one continues
+            launch(e.train, e.nproc_per_node)
+        else:
+            train(e.train)
 
 
 def export_all(study: StudyConfig, only: set[str] | None) -> list[Path]:
@@ -206,7 +214,7 @@ def collect(study: StudyConfig, export_json: Path | None, loadtest_json: Path | 
             "experiment": e.name, "speed_only": e.speed_only, "model": e.train.model, "weights": m.get("weights"),
             "dataset": m.get("dataset", e.train.dataset), "strategy": e.train.strategy,
             "input_size": m.get("input_size", e.train.input_size), "epochs": m.get("epochs_run"),
-            "batch_size": e.train.batch_size, "optimizer": e.train.optimizer,
+            "batch_size": m.get("global_batch_size", e.train.batch_size), "optimizer": e.train.optimizer,
             "train_seconds": m.get("train_seconds"), "test_accuracy": m.get("test_accuracy"),
             "macro_recall": m.get("test_macro_recall"), "macro_f1": m.get("test_macro_f1"),
             "params_total": m.get("params_total"), "device": m.get("device"),

@@ -15,16 +15,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from tqdm.auto import tqdm
 
 from export import quantize
 from export.onnx_export import DEFAULT_OPSET, ExportError, artifact_metadata, export_onnx, load_run, opset_of
+from export.trt_check import tensorrt_problems
 from service import tensorrt_engine as trt_engine
 from service.preprocessing import Preprocessing
 from service.runtime import load_ort_model
 from training.data import CifarData, load_dataset
-from utils import UserError, atomic_write_json, device_name, sha256_file, versions
+from utils import UserError, atomic_path, atomic_write_json, sha256_file, versions
 
 MAX_ABS_DIFF = 1e-4
 MIN_AGREEMENT = 0.999
@@ -112,6 +114,8 @@ def run_export(cfg: ExportConfig) -> dict:
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     out = cfg.output_dir()
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.tmp"):  # left by an export that was killed mid-write
+        stale.unlink()
     manifest_path = out / "manifest.json"
     old, old_pytorch_acc = {}, None
     if manifest_path.is_file() and not cfg.force:
@@ -168,24 +172,26 @@ def run_export(cfg: ExportConfig) -> dict:
             print(f"{name}: accuracy {scores['accuracy']:.4f} (Δ {100 * scores['accuracy_delta']:+.2f} pts), "
                   f"top-1 agreement {scores['top1_agreement']:.4f}")
 
-    def evaluate(fmt: str):
+    def evaluate(fmt: str, path: Path | None = None):
         _, ref_pred, ref_acc = reference()
         manifest["pytorch"]["accuracy"] = ref_acc
-        m = load_ort_model(out / ARTIFACTS[fmt][0], threads=cfg.threads)
+        m = load_ort_model(path or out / ARTIFACTS[fmt][0], threads=cfg.threads)
         logits = batched(m, x_test, desc=fmt)
         return logits, _scores(logits, y_test, ref_pred, ref_acc)
 
-    # FP32 is the base of everything else: always (re)check it
+    # FP32 is the base of everything else: always (re)check it. It replaces the previous model.onnx only
+    # once it has passed the parity check, so a failed export leaves the old file and manifest as they were.
     key32 = _key(ckpt_sha, cfg.opset, "fp32")
     if not up_to_date("fp32", key32):
         print("exporting model.onnx (FP32, dynamic batch)")
-        export_onnx(model, out / "model.onnx", artifact_metadata(pre, mj, "fp32", run_dir), opset=cfg.opset)
-        logits, scores = evaluate("fp32")
-        max_diff = float(np.abs(logits - reference()[0]).max())
-        if max_diff > MAX_ABS_DIFF or scores["top1_agreement"] < MIN_AGREEMENT:
-            (out / "model.onnx").unlink()
-            raise ExportError(f"FP32 ONNX parity failed: max |Δlogit| {max_diff:.2e} (limit {MAX_ABS_DIFF:.0e}), "
-                              f"top-1 agreement {scores['top1_agreement']:.4f} (limit {MIN_AGREEMENT})")
+        with atomic_path(out / "model.onnx") as candidate:
+            export_onnx(model, candidate, artifact_metadata(pre, mj, "fp32", run_dir), opset=cfg.opset)
+            logits, scores = evaluate("fp32", candidate)
+            max_diff = float(np.abs(logits - reference()[0]).max())
+            if max_diff > MAX_ABS_DIFF or scores["top1_agreement"] < MIN_AGREEMENT:
+                raise ExportError(f"FP32 ONNX parity failed: max |Δlogit| {max_diff:.2e} (limit "
+                                  f"{MAX_ABS_DIFF:.0e}), top-1 agreement {scores['top1_agreement']:.4f} (limit "
+                                  f"{MIN_AGREEMENT})")
         record("fp32", key32, scores, max_abs_logit_diff=max_diff)
     meta = artifact_metadata(pre, mj, "fp32", run_dir)
 
@@ -202,7 +208,8 @@ def run_export(cfg: ExportConfig) -> dict:
     for fmt, flavour in (("int8", "cpu"), ("int8_trt", "trt")):
         if fmt not in cfg.formats:
             continue
-        key = _key(arts["fp32"]["sha256"], cfg.calib_images, cfg.calib_method, keep_patterns, flavour)
+        recipe = quantize.TRT_OPTIONS if flavour == "trt" else {}
+        key = _key(arts["fp32"]["sha256"], cfg.calib_images, cfg.calib_method, keep_patterns, flavour, recipe)
         if up_to_date(fmt, key):
             continue
         if calib_x is None:
@@ -210,13 +217,20 @@ def run_export(cfg: ExportConfig) -> dict:
         keep = quantize.resolve_keep_float(out / "model.onnx", keep_patterns)
         print(f"quantizing {ARTIFACTS[fmt][0]} ({flavour} flavour, {cfg.calib_method} calibration on "
               f"{len(calib_x)} training images, {len(keep)} nodes kept in float)")
-        quantize.quantize_int8(out / "model.onnx", out / ARTIFACTS[fmt][0], calib_x, flavour, cfg.calib_method, keep)
+        path = out / ARTIFACTS[fmt][0]
+        quantize.quantize_int8(out / "model.onnx", path, calib_x, flavour, cfg.calib_method, keep)
+        problems = tensorrt_problems(onnx.load(str(path))) if flavour == "trt" else []
+        if problems:
+            path.unlink()
+            raise ExportError(f"{path.name} would not build with TensorRT ({len(problems)} problems): "
+                              + "; ".join(problems[:3]))
         record(fmt, key, evaluate(fmt)[1],
                calibration={"method": cfg.calib_method, "images": int(len(calib_x)), "flavour": flavour,
                             "keep_float_patterns": keep_patterns, "keep_float_nodes": len(keep)},
                qdq=quantize.qdq_summary(out / ARTIFACTS[fmt][0]))
 
-    _tensorrt(cfg, out, pre, arts, x_test, y_test, reference)
+    _tensorrt(cfg, out, arts, up_to_date, record, lambda runner: _scores(
+        batched(runner, x_test, batch=min(64, cfg.max_batch), desc="tensorrt"), y_test, *reference()[1:]))
     atomic_write_json(manifest, manifest_path)
     if cfg.bentoml:
         save_to_bentoml(out, manifest)
@@ -241,32 +255,51 @@ def _calibration_batch(cfg: ExportConfig, data: CifarData, pre: Preprocessing) -
     return pre.to_input(data.train_x[idx])
 
 
-def _tensorrt(cfg, out: Path, pre: Preprocessing, arts: dict, x_test, y_test, reference) -> None:
+def _tensorrt(cfg: ExportConfig, out: Path, arts: dict, up_to_date, record, score) -> None:
+    """TensorRT engines from the FP16 and INT8 (TensorRT flavour) ONNX files, like every other artifact: an
+    up-to-date key (source, profile, workspace, TensorRT version and GPU), evaluated with ``score``. A
+    missing TensorRT or GPU, or a failed build, is a skipped manifest entry with its reason."""
     wanted = [f for f in ("trt_fp16", "trt_int8") if f in cfg.formats]
     if not wanted:
         return
     reason = trt_engine.unavailable_reason()
+    try:
+        target = None if reason else trt_engine.host_target()
+    except RuntimeError as e:  # a CUDA error while reading the GPU's properties
+        reason = str(e)
+
+    def skip(fmt: str, why: str) -> None:
+        print(f"{ARTIFACTS[fmt][0]}: skipped: {why}")
+        arts[fmt] = {"file": ARTIFACTS[fmt][0], "format": "tensorrt", "skipped": why}
+
     if reason:
-        print(reason)
         for fmt in wanted:
-            arts[fmt] = {"file": ARTIFACTS[fmt][0], "format": "tensorrt", "skipped": reason}
+            skip(fmt, reason)
         return
     profile = trt_engine.Profile(cfg.min_batch, cfg.opt_batch, cfg.max_batch)
-    for fmt, src in (("trt_fp16", "fp16"), ("trt_int8", "int8_trt")):
-        if fmt not in wanted or src not in arts:
+    for fmt in wanted:
+        src = {"trt_fp16": "fp16", "trt_int8": "int8_trt"}[fmt]
+        if "sha256" not in arts.get(src, {}):
+            skip(fmt, f"it is built from the {src} ONNX file: add {src} to --formats")
             continue
         plan = out / ARTIFACTS[fmt][0]
-        print(f"building {plan.name} from {arts[src]['file']} (TensorRT, strongly typed)")
-        trt_engine.build_engine(out / arts[src]["file"], plan, pre.input_shape, profile, cfg.workspace_mb,
-                                out / "timing.cache")
-        runner = trt_engine.TrtRunner(plan)
-        logits = batched(runner, x_test, batch=min(64, cfg.max_batch), desc=fmt)
-        _, ref_pred, ref_acc = reference()
-        e = _scores(logits, y_test, ref_pred, ref_acc)
-        name, precision, kind = ARTIFACTS[fmt]
-        arts[fmt] = {"file": name, "format": kind, "precision": precision, "sha256": sha256_file(plan),
-                     "size_bytes": plan.stat().st_size, "profile": asdict(profile), "source": arts[src]["file"],
-                     "device": device_name("cuda"), **e}
+        key = _key(arts[src]["sha256"], asdict(profile), cfg.workspace_mb, target)
+        if up_to_date(fmt, key):
+            continue
+        print(f"building {plan.name} from {arts[src]['file']} (TensorRT {target['tensorrt_version']}, "
+              f"{target['gpu']}, compute capability {target['compute_capability']})")
+        try:
+            trt_engine.build_engine(out / arts[src]["file"], plan, profile, cfg.workspace_mb, out / "timing.cache")
+            runner = trt_engine.TrtRunner(plan, target)
+            try:
+                scores = score(runner)
+            finally:
+                runner.close()
+        except Exception as e:  # TensorRT's errors have no common base; the other artifacts still ship
+            plan.unlink(missing_ok=True)
+            skip(fmt, f"TensorRT build or check failed: {type(e).__name__}: {e}")
+            continue
+        record(fmt, key, scores, source=arts[src]["file"], **target, **asdict(profile))
 
 
 def save_to_bentoml(out: Path, manifest: dict) -> None:

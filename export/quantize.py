@@ -2,8 +2,16 @@
 
 - ``cpu`` (``model.int8.onnx``): unsigned 8-bit activations with zero points, signed per-channel
   symmetric weights: the layout ONNX Runtime's CPU kernels are fast with.
-- ``trt`` (``model.int8.trt.onnx``): signed symmetric activations and weights (every zero point 0),
-  which TensorRT 11's explicit quantization needs.
+- ``trt`` (``model.int8.trt.onnx``): the layout of TensorRT's explicit-quantization guide. Signed
+  symmetric INT8 activations (per tensor) and weights (per output channel), every zero point 0, biases
+  left in float (TensorRT dequantizes only INT8/FP8/INT4 data, never ONNX Runtime's INT32 biases);
+  Q/DQ only on the inputs of Conv/Gemm/MatMul and of residual Adds, none on their outputs, so that
+  TensorRT fuses each layer with its activation, its output quantization and a following residual add.
+  :mod:`export.trt_check` verifies the result at export.
+
+Both come from ONNX Runtime's quantizer, which calibrates on the CPU. NVIDIA's ModelOpt ONNX PTQ was the
+alternative for ``trt``: its ``onnx`` extra pins onnx 1.21 and onnxruntime-gpu 1.24 on Linux, which would
+put a second ONNX Runtime into every environment that exports (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import os
 import re
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +32,9 @@ from utils import UserError, atomic_path
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 FLAVOURS = ("cpu", "trt")
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# The TensorRT recipe (part of the export's up-to-date key: a change re-quantizes).
+TRT_OPTIONS = {"op_types": [*WEIGHTED_OPS, "Add"], "QuantizeBias": False, "residual_add_inputs": "skip-only"}
 
 # Nodes known to lose accuracy in INT8, matched against a node's name or one of its torch module
 # scopes (full match). EfficientNet: the stem, squeeze-excitation (fc1/fc2) and the classifier. Lite0
@@ -107,10 +119,12 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, flavour:
         raise UserError(f"unknown calibration method {method!r}; valid: {', '.join(CALIBRATION_METHODS)}")
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
-    symmetric = flavour == "trt"
+    trt = flavour == "trt"
     # Not CalibMaxIntermediateOutputs: onnxruntime 1.31 discards what it collected when that limit is
     # reached, so calibration would silently use only the last chunk of images.
-    extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
+    extra = {"ActivationSymmetric": trt, "WeightSymmetric": True}
+    if trt:  # Q/DQ on layer inputs only; biases stay float
+        extra.update(QuantizeBias=False, OpTypesToExcludeOutputQuantization=TRT_OPTIONS["op_types"])
     fp32_path, out_path = Path(fp32_path).resolve(), Path(out_path).resolve()  # before the chdir below
     root_logger = logging.getLogger()
     level = root_logger.level
@@ -122,18 +136,50 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, flavour:
         try:
             quantize_static(str(fp32_path), str(tmp), _Reader(calib_x, input_name),
                             quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                            activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=keep_float or [],
+                            op_types_to_quantize=TRT_OPTIONS["op_types"] if trt else None,
                             calibrate_method=calib, extra_options=extra)
         finally:
             os.chdir(cwd)
             root_logger.setLevel(level)
         src = onnx.load(str(fp32_path), load_external_data=False)
         q = onnx.load(str(tmp))
+        if trt:
+            float_residual_branches(q)
         meta = {p.key: p.value for p in src.metadata_props}
         meta["cifar_deploy.precision"] = "int8" if flavour == "cpu" else "int8-trt"
         set_metadata(q, meta)
         onnx.save(q, str(tmp))
+
+
+def float_residual_branches(model: onnx.ModelProto) -> int:
+    """TensorRT's residual pattern: an Add reads the output of a Conv/Gemm/MatMul in float (TensorRT fuses
+    the add into that layer) and only its other, skip input through Q/DQ. ONNX Runtime quantizes every
+    input of an Add, so the Q/DQ pair on one layer-fed input of each Add is bypassed here, and dropped
+    when nothing else reads it. Returns the number of Adds changed."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    changed = 0
+    for add in (n for n in graph.node if n.op_type == "Add"):
+        for i, name in enumerate(add.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            layer = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+            if layer is not None and layer.op_type in WEIGHTED_OPS:
+                add.input[i] = q.input[0]
+                changed += 1
+                break
+    while True:  # drop Q/DQ nodes nobody reads any more (a DQ first, then its Q)
+        read = Counter(i for n in graph.node for i in n.input) + Counter(o.name for o in graph.output)
+        unused = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                  and not read[n.output[0]]]
+        if not unused:
+            for init in [i for i in graph.initializer if not read[i.name]]:  # their scales and zero points
+                graph.initializer.remove(init)
+            return changed
+        for n in unused:
+            graph.node.remove(n)
 
 
 def qdq_summary(path: Path) -> dict:

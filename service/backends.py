@@ -53,14 +53,26 @@ class InstancePool:
             self._free.put(member)
 
 
+def _preload_cuda_libraries() -> None:
+    """ONNX Runtime's CUDA provider finds the CUDA and cuDNN libraries of the nvidia-* wheels only once they
+    are loaded: torch does it at import, and the bento has no torch (onnxruntime-gpu >= 1.21)."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
 def model_info(stored) -> tuple[dict, Preprocessing, Path]:
     """(manifest entry, preprocessing, artifact path) of a stored BentoML model written by export."""
     meta = dict(stored.info.metadata)
     if "file" not in meta or "sha256" not in meta or "preprocessing" not in meta:
         raise ArtifactError(f"BentoML model {stored.tag} was not saved by `python -m export` (metadata lacks "
                             "file/sha256/preprocessing)")
+    name = str(meta["file"])
+    if Path(name).name != name or name.startswith("."):  # a file of the model's own folder, never a path
+        raise ArtifactError(f"BentoML model {stored.tag}: metadata names the file {name[:100]!r}, not a file name")
     pre = Preprocessing.from_json(meta["preprocessing"])
-    return meta, pre, Path(stored.path_of(meta["file"]))
+    return meta, pre, Path(stored.path_of(name))
 
 
 def load_model(ref: ModelRef, stored, intra_op_threads: int = 0, warmup_batch: int = 8,
@@ -73,6 +85,8 @@ def load_model(ref: ModelRef, stored, intra_op_threads: int = 0, warmup_batch: i
     verify_sha256(path, meta["sha256"])
     if ref.backend.startswith("onnxruntime"):
         cuda = ref.backend == "onnxruntime-cuda"
+        if cuda:
+            _preload_cuda_libraries()
 
         def make() -> tuple[Callable[[np.ndarray], np.ndarray], str]:
             m = load_ort_model(path, ["cuda"] if cuda else ["cpu"], threads=intra_op_threads or None,
@@ -84,9 +98,12 @@ def load_model(ref: ModelRef, stored, intra_op_threads: int = 0, warmup_batch: i
         reason = unavailable_reason()
         if reason:
             raise ArtifactError(f"model {ref.name}: backend tensorrt unavailable: {reason}")
+        if meta.get("format") != "tensorrt":
+            raise ArtifactError(f"model {ref.name}: {stored.tag} is a {meta.get('format')} artifact; the tensorrt "
+                                "backend serves TensorRT engines (<run>-trt_fp16, <run>-trt_int8)")
 
         def make() -> tuple[Callable[[np.ndarray], np.ndarray], str]:
-            return TrtRunner(path), "TensorRT"
+            return TrtRunner(path, meta), "TensorRT"  # refuses an engine of another TensorRT or GPU
     else:
         raise ArtifactError(f"model {ref.name}: unknown backend {ref.backend}")
     members = []

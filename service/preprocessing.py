@@ -111,9 +111,13 @@ def open_image(data: bytes, max_megapixels: float = 40.0):
         raise ImageError("not an image (expected JPEG, PNG, WebP, BMP or GIF)") from e
     except Image.DecompressionBombError as e:
         raise ImageError(f"image too large: {e}", status=413) from e
+    except Exception as e:  # a format's reader refused the header: OSError, ValueError, EOFError …
+        raise ImageError(f"corrupt image header: {type(e).__name__}: {e}") from e
     if im.format not in ALLOWED_FORMATS:
         raise ImageError(f"unsupported image format {im.format}; use one of {', '.join(ALLOWED_FORMATS)}",
                          status=415)
+    if im.width < 1 or im.height < 1:
+        raise ImageError(f"image of {im.width}x{im.height} pixels")
     megapixels = im.width * im.height / 1e6
     if megapixels > max_megapixels:
         raise ImageError(f"image too large: {im.width}x{im.height} = {megapixels:.1f} MP, over the "

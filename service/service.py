@@ -9,9 +9,10 @@ internal HTTP hop cost more than its batching saved (benchmarks/service.md).
 Uploads are typed ``Path`` (BentoML stores each file part and hands over its path) and decoded by
 :mod:`service.preprocessing`, not by BentoML's PIL input type, so that every bad upload keeps its own
 answer: a 4xx JSON error ``{"error", "status", …}`` (400 bad image, 404 unknown model, 413 too large or
-too many, 415 unsupported format, 422 bad top_k); overload is 503 with ``Retry-After``. Requests that do
-not fit an API's schema (a missing or mistyped field, a body that is not multipart) are refused by
-BentoML itself: 400 ``{"error", "detail"}``. Other failures are BentoML's 500, without a traceback.
+too many, 415 unsupported format, 422 bad top_k); overload is 503 with ``Retry-After``. A multipart body
+BentoML could not parse, or another media type, is refused before BentoML reads it (:mod:`service.guard`);
+a missing or mistyped field is refused by BentoML itself: 400 ``{"error", "detail"}``. Anything else is a
+bug: 500 with a request id (body and ``X-Request-ID``), its traceback in the log.
 
 GPU backends: the service asks BentoML for one GPU per worker (``resources={"gpu": workers}``).
 BentoML 1.4 assigns those GPUs to the service as a whole: every worker starts with the same
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import time
 from pathlib import Path
@@ -34,14 +36,18 @@ import numpy as np
 from bentoml.models import BentoModel
 from bentoml.validators import ContentType
 from fastapi import FastAPI
-from starlette.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from starlette.responses import HTMLResponse
 
 from service.backends import LoadedModel, load_model
 from service.batching import MicroBatcher, Overloaded
 from service.config import load_config
-from service.preprocessing import ImageError, fit_image, load_rgb, open_image
+from service.guard import Form, InternalErrors, UploadGuard
+from service.preprocessing import ImageError, PreprocessingError, fit_image, load_rgb, open_image
+from service.runtime import ArtifactError
 
 CONFIG = load_config()
+logger = logging.getLogger("bentoml.serve")
 DESCRIPTION = ("CIFAR image classifiers exported by cifar-deploy (ONNX Runtime or TensorRT). POST an image file "
                "to /classify, or several to /classify_batch, with an optional model name (GET /models lists "
                "them) and top_k; the answer holds the top-k labels with their probabilities.")
@@ -72,41 +78,6 @@ class RequestError(Exception):
         if self.status == 503:
             ctx.response.headers["Retry-After"] = "1"
         return self.body
-
-
-class UploadLimit:
-    """ASGI middleware: 413 for a request body over ``limit`` bytes, from its Content-Length before anything
-    is read, or as soon as a chunked body goes over (the rest is never read)."""
-
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if length is not None:  # the HTTP server reads no more than the declared length
-            if int(length) > self.limit:
-                message = f"payload of {int(length)} bytes is over the {self.limit}-byte limit"
-                return await JSONResponse({"error": message, "status": 413}, 413)(scope, receive, send)
-            return await self.app(scope, receive, send)
-        received, refused = 0, False
-
-        async def counting_receive():
-            nonlocal received, refused
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit and not refused:
-                refused = True
-                body = {"error": f"payload is over the {self.limit}-byte limit", "status": 413}
-                await JSONResponse(body, 413)(scope, receive, send)
-            return {"type": "http.disconnect"} if refused else message  # the app stops reading
-
-        async def guarded_send(message) -> None:
-            if not refused:
-                await send(message)
-
-        await self.app(scope, counting_receive, guarded_send)
 
 
 def _run(m: LoadedModel, images: np.ndarray) -> np.ndarray:
@@ -151,6 +122,22 @@ def _pin_gpu() -> None:
 
 
 app = FastAPI(title="cifar-deploy", docs_url=None, redoc_url=None, openapi_url=None)  # BentoML serves the docs
+UI_PAGE = Path(__file__).with_name("static") / "ui.html"
+
+
+@app.get("/", include_in_schema=False)
+def ui() -> HTMLResponse:
+    """The page for people (service/static/ui.html); it takes / from BentoML's Swagger UI, now at /docs."""
+    return HTMLResponse(UI_PAGE.read_text())
+
+
+@app.get("/docs", include_in_schema=False)
+def swagger_ui() -> HTMLResponse:
+    """Swagger UI over BentoML's /docs.json, from the assets BentoML serves (offline, no tag manager)."""
+    return get_swagger_ui_html(openapi_url="docs.json", title="cifar-deploy API",
+                               swagger_js_url="static_content/swagger-ui-bundle.js",
+                               swagger_css_url="static_content/swagger-ui.css",
+                               swagger_favicon_url="static_content/favicon-light-32x32.png")
 
 
 @bentoml.service(
@@ -169,10 +156,14 @@ class CifarClassifier:
     def __init__(self) -> None:
         if CONFIG.uses_gpu:
             _pin_gpu()
-        self.models = {ref.name: load_model(ref, getattr(self, f"model_{i}"), CONFIG.intra_op_threads,
-                                            warmup_batch=min(8, CONFIG.max_batch_size),
-                                            ort_spinning=CONFIG.ort_spinning, instances=CONFIG.model_instances)
-                       for i, ref in enumerate(CONFIG.models)}  # every model loaded and warmed up before serving
+        try:
+            self.models = {ref.name: load_model(ref, getattr(self, f"model_{i}"), CONFIG.intra_op_threads,
+                                                warmup_batch=min(8, CONFIG.max_batch_size),
+                                                ort_spinning=CONFIG.ort_spinning, instances=CONFIG.model_instances)
+                           for i, ref in enumerate(CONFIG.models)}  # every model loaded and warmed up before serving
+        except (ArtifactError, PreprocessingError) as e:  # a missing, tampered or unusable artifact: never ready
+            logger.error("cannot serve: %s", e)
+            os._exit(3)  # raising would log two tracebacks (BentoML's and the ASGI lifespan's) around this line
         self.batchers = {name: MicroBatcher(functools.partial(_run, m), CONFIG.max_batch_size, CONFIG.max_latency_ms,
                                             name=name, workers=CONFIG.model_instances)
                          for name, m in self.models.items()}
@@ -215,7 +206,7 @@ class CifarClassifier:
     async def _classify(self, paths: list[Path], name: str | None, top_k: int | None) -> dict:
         name = name or CONFIG.models[0].name
         if name not in self.models:
-            raise RequestError(404, f"unknown model {name!r}", models=list(self.models))
+            raise RequestError(404, f"unknown model {name[:100]!r}", models=list(self.models))
         m = self.models[name]
         classes = m.preprocessing.classes
         k = min(CONFIG.default_top_k, len(classes)) if top_k is None else top_k
@@ -244,4 +235,7 @@ class CifarClassifier:
                               "total": 1e3 * (time.perf_counter() - t0)}}
 
 
-CifarClassifier.add_asgi_middleware(UploadLimit, limit=int(CONFIG.max_upload_mb * 2**20))
+CifarClassifier.add_asgi_middleware(InternalErrors)
+CifarClassifier.add_asgi_middleware(UploadGuard, limit=int(CONFIG.max_upload_mb * 2**20), forms={
+    "/classify": Form("image", 1, ("model", "top_k")),
+    "/classify_batch": Form("images", CONFIG.max_batch_images, ("model", "top_k"))})

@@ -2,7 +2,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 
 from training.data import (
     EpochBatches,
@@ -114,13 +113,17 @@ def test_augmentation_parsing_and_shapes(synthetic_dir):
 @pytest.mark.parametrize("n,batch_size,sizes", [(9, 4, [4, 4]), (10, 4, [4, 4, 2]), (1, 4, [1]), (3, 1, [1, 1]),
                                                 (0, 4, [])])
 def test_epoch_batches_reshuffle_and_drop_a_trailing_single(n, batch_size, sizes):
-    sampler = EpochBatches(n, batch_size, torch.Generator().manual_seed(0))
-    epochs = [list(sampler) for _ in range(3)]
+    sampler = EpochBatches(n, batch_size, seed=0)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
     for batches in epochs:
         assert [len(b) for b in batches] == sizes and len(sampler) == len(sizes)
         flat = [i for b in batches for i in b]
         assert len(set(flat)) == len(flat) and set(flat) <= set(range(n))
     if n > 3:
         assert epochs[0] != epochs[1]  # a new order every epoch
-    again = EpochBatches(n, batch_size, torch.Generator().manual_seed(0))
-    assert [list(again) for _ in range(3)] == epochs  # the generator alone decides the orders
+    again = EpochBatches(n, batch_size, seed=0)
+    again.set_epoch(2)
+    assert list(again) == epochs[2]  # the seed and the epoch alone decide the order

@@ -1,11 +1,14 @@
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from service.backends import model_info
 from service.config import ConfigError, ServiceConfig, load_config
 from service.preprocessing import ImageError, Preprocessing, PreprocessingError, decode_image, fit_image
+from service.runtime import ArtifactError
 from utils import ModelRef
 
 
@@ -60,6 +63,8 @@ def test_gif_first_frame():
     (b"plain text", 400, "not an image"),
     (encode(RGB, "PNG")[:80], 400, "truncated"),
     (encode(RGB, "TIFF"), 415, "unsupported"),
+    (encode(RGB, "BMP")[:14] + (153).to_bytes(4, "little") + encode(RGB, "BMP")[18:], 400,  # a reader's OSError
+     "corrupt image header: OSError: Unsupported BMP header type"),
 ])
 def test_bad_uploads(data, status, match):
     with pytest.raises(ImageError, match=match) as e:
@@ -129,6 +134,14 @@ def test_service_config_sources_in_order(tmp_path):
     ({"CIFAR_DEPLOY_MAX_BATCH_SIZE": "lots"}, "max_batch_size: 'lots' is not a valid int"),
     ({"CIFAR_DEPLOY_ACCESS_LOG": "maybe"}, "access_log: 'maybe' is not a valid bool"),
     ({"CIFAR_DEPLOY_TOPOLOGY": "split"}, "CIFAR_DEPLOY_TOPOLOGY: unknown setting"),
+    ({"CIFAR_DEPLOY_MODELS": "../x=t:1"}, r"models\[0\]: name '\.\./x' is not valid"),
+    ({"CIFAR_DEPLOY_MODELS": "a/b=t:1"}, "name 'a/b' is not valid"),
+    ({"CIFAR_DEPLOY_MODELS": "ok=t:1,.hidden=t:1"}, r"models\[1\]: name '\.hidden' is not valid"),
+    ({"CIFAR_DEPLOY_MODELS": "a=../t:1"}, r"tag '\.\./t' is not valid"),
+    ({"CIFAR_DEPLOY_MODELS": "a=t/x:1"}, "tag 't/x' is not valid"),
+    ({"CIFAR_DEPLOY_MODELS": "a=t:../../etc"}, r"tag version '\.\./\.\./etc' is not valid"),
+    ({"CIFAR_DEPLOY_MODELS": "a=t:"}, "tag version '' is not valid"),
+    ({"CIFAR_DEPLOY_MODELS": "a=" + "t" * 64 + ":1"}, "at most 63 characters"),
 ])
 def test_service_config_refuses_bad_settings_by_name(env, match):
     with pytest.raises(ConfigError, match=match):
@@ -148,3 +161,10 @@ def test_service_config_file_errors(tmp_path):
         load_config({"CIFAR_DEPLOY_CONFIG": str(bad)})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config({"CIFAR_DEPLOY_CONFIG": str(tmp_path / "missing.yaml")})
+
+
+def test_a_model_store_entry_names_a_file_of_its_own_folder_only(tmp_path):
+    meta = {"file": "../../outside.onnx", "sha256": "0" * 64, "preprocessing": "{}"}
+    stored = SimpleNamespace(tag="m:1", info=SimpleNamespace(metadata=meta), path_of=lambda f: str(tmp_path / f))
+    with pytest.raises(ArtifactError, match="not a file name"):
+        model_info(stored)

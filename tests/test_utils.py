@@ -82,7 +82,8 @@ def test_model_references_have_one_shape_per_medium():
     assert ModelRef.parse("lite0=demo-int8:latest") == ModelRef("lite0", "demo-int8:latest", "onnxruntime")
     assert ModelRef.parse("g=t:1@onnxruntime-cuda").backend == "onnxruntime-cuda"
     assert ModelRef.parse({"name": "g", "tag": "t:1", "backend": "tensorrt"}) == ModelRef("g", "t:1", "tensorrt")
-    for bad in ("lite0", "=tag", {"name": "a"}, {"name": "a", "tag": "t", "gpu": 1}):
+    for bad in ("lite0", "=tag", {"name": "a"}, {"name": "a", "tag": "t", "gpu": 1}, "../x=t", "a=t/x:1", "a=t:../1",
+                ".hidden=t", "a=" + "t" * 64):
         with pytest.raises(UserError):
             ModelRef.parse(bad)
 

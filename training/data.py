@@ -380,19 +380,33 @@ def _build_augment(augment: tuple[str, ...]):
 # --------------------------------------------------------------------------- loaders
 
 class EpochBatches(Sampler[list[int]]):
-    """Index batches in a new order each epoch, drawn from ``generator`` (a checkpoint saves its state, so
-    a resumed run sees the same orders). A trailing batch of one is dropped: BatchNorm heads need two."""
+    """One rank's index batches, in a new order each epoch: call ``set_epoch`` first. The order is drawn from
+    ``seed`` and the epoch alone, so every rank draws the same one and a resumed run sees the same orders.
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
-        self.n, self.batch_size, self.generator = n, batch_size, generator
+    As in ``DistributedSampler``, the order is cut into global batches of ``batch_size`` × ``world_size`` and
+    rank r takes every ``world_size``-th index of each, so N ranks at batch B train on exactly the batches
+    of one process at batch N·B. A trailing global batch is cut to a multiple of ``world_size`` and dropped
+    when a rank would get a single image, unless it is the only batch (BatchNorm heads need two)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        k = -(-self.n // self.batch_size)
-        return k - 1 if k > 1 and self.n - (k - 1) * self.batch_size == 1 else k
+        size = self.batch_size * self.world_size
+        k = -(-self.n // size)
+        per_rank = (self.n - (k - 1) * size) // self.world_size if k else 0  # in the last batch
+        return k - int(k > 0 and (per_rank == 0 or (k > 1 and per_rank < 2)))
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=self.generator).tolist()
-        yield from (order[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size))
+        size = self.batch_size * self.world_size
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        for i in range(0, len(self) * size, size):
+            batch = order[i:i + size]
+            yield batch[: len(batch) - len(batch) % self.world_size][self.rank::self.world_size]
 
 
 def eval_loader(dataset: Dataset, batch_size: int = 128) -> DataLoader:

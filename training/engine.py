@@ -1,7 +1,8 @@
-"""One epoch of training, evaluation and prediction: free functions over a model and a loader.
+"""One epoch of training, evaluation and prediction: free functions over a model and its data.
 
-The loader yields ``(x, y)`` batches: images for a whole classifier, or cached backbone features for
-its head (``training.features``); the functions do not tell them apart.
+The data are ``(x, y)`` pairs: images for a whole classifier, or cached backbone features for its head
+(``training.features``); the functions do not tell them apart. Under torchrun, training averages its
+figures over the ranks, and evaluation splits the dataset between them and gathers the outputs.
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from training import distributed
+from training.data import eval_loader
 from training.strategies import train_mode
 from utils import UserError
 
@@ -41,13 +46,18 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x
 
 
+def _progress(iterable, desc: str | None):
+    """A progress bar on rank 0 when there is a ``desc``."""
+    return tqdm(iterable, desc=desc, leave=False, disable=True if desc is None or distributed.rank() else None)
+
+
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, device: torch.device, *,
                     label_smoothing: float = 0.0, amp: bool = False, desc: str | None = None) -> tuple[float, float]:
     """One pass over ``loader`` (``train_mode``: frozen BatchNorm keeps its statistics); returns the mean
-    training loss and accuracy."""
-    train_mode(model)
+    training loss and accuracy, over every rank's images."""
+    train_mode(model.module if isinstance(model, DistributedDataParallel) else model)
     total, correct, loss_sum = 0, 0, 0.0
-    bar = tqdm(loader, total=len(loader), desc=desc, leave=False, disable=None)
+    bar = _progress(loader, desc)
     for x, y in bar:
         x, y = _to(x, device), y.to(device)
         with autocast(device, amp):
@@ -60,30 +70,32 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, 
         correct += (logits.argmax(1) == y).sum().item()
         total += len(y)
         bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
+    loss_sum, correct, total = distributed.all_sum(loss_sum, correct, total)
     return loss_sum / max(total, 1), correct / max(total, 1)
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = False, desc: str | None = None,
-                   features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs (float32, on the CPU) and labels of every batch of ``loader``, in eval mode: the logits,
-    or with ``features`` the backbone features of a :class:`~training.models.Classifier`."""
+def predict_logits(model: nn.Module, dataset: Dataset, device: torch.device, amp: bool = False,
+                   desc: str | None = None, features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs (float32, on the CPU) and labels of ``dataset``, in order and in eval mode: the logits, or
+    with ``features`` the backbone features of a :class:`~training.models.Classifier`. Under torchrun each
+    rank computes its shard and every rank gets the whole."""
     model.eval()
     outs, labels = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=True if desc is None else None):
+    for x, y in _progress(eval_loader(distributed.shard(dataset)), desc):
         with autocast(device, amp):
             out = model.features(_to(x, device)) if features else model(_to(x, device))
         outs.append(out.float().cpu())
         labels.append(y)
-    if not outs:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.int64)
-    return torch.cat(outs), torch.cat(labels)
+    out = torch.cat(outs) if outs else torch.zeros(0)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+    return distributed.gather(out), distributed.gather(y)
 
 
-def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False,
+def evaluate(model: nn.Module, dataset: Dataset, device: torch.device, amp: bool = False,
              desc: str | None = None) -> tuple[float, float, np.ndarray]:
-    """Loss, accuracy and predicted classes over ``loader`` (NaN loss and accuracy when it is empty)."""
-    logits, y = predict_logits(model, loader, device, amp, desc)
+    """Loss, accuracy and predicted classes over ``dataset`` (NaN loss and accuracy when it is empty)."""
+    logits, y = predict_logits(model, dataset, device, amp, desc)
     if len(y) == 0:
         return float("nan"), float("nan"), np.zeros(0, dtype=np.int64)
     pred = logits.argmax(1)

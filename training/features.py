@@ -2,7 +2,8 @@
 
 With a frozen backbone and no augmentation, each image's features never change, so the head trains on
 them directly: the training loop gets ``model.head`` and these datasets instead of the classifier and
-the images. ``features.pt`` is reused while its key (weights, split sizes, input size) matches.
+the images. ``features.pt`` is reused while its key (weights, split sizes, input size) matches. Under
+torchrun the ranks compute a shard each and share the whole; rank 0 reads and writes the file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from training.data import ImageArrayDataset, eval_loader
+from training import distributed
+from training.data import ImageArrayDataset
 from training.engine import predict_logits
 from training.models import Classifier
 from utils import atomic_save_torch
@@ -36,11 +38,12 @@ def feature_datasets(model: Classifier, images: dict[str, ImageArrayDataset], pa
     """``(features, label)`` datasets of each split of ``images`` (train, val, test), and the seconds the
     features took to compute (the first time; read back from ``path`` afterwards)."""
     key = json.dumps({"weights": weights, "n": [len(ds) for ds in images.values()], "input_size": model.input_size})
-    feats, seconds = _load(path, key)
+    feats, seconds = distributed.from_main(_load, path, key)
     if feats is None:
         t0 = time.perf_counter()
-        feats = {split: predict_logits(model, eval_loader(ds), device, amp, desc=f"features {split}",
-                                       features=True)[0] for split, ds in images.items()}
+        feats = {split: predict_logits(model, ds, device, amp, desc=f"features {split}", features=True)[0]
+                 for split, ds in images.items()}
         seconds = time.perf_counter() - t0
-        atomic_save_torch({"key": key, "features": feats, "seconds": seconds}, path)
+        if distributed.rank() == 0:
+            atomic_save_torch({"key": key, "features": feats, "seconds": seconds}, path)
     return {split: TensorDataset(feats[split], ds.y) for split, ds in images.items()}, seconds

@@ -80,7 +80,7 @@ def model_json(cfg: TrainConfig, mcfg: ModelConfig, data: CifarData, weights: st
 
 def write_record(run_dir: Path, cfg: TrainConfig, model: Classifier, data: CifarData, pred: np.ndarray, *,
                  weights: str, num_train: int, num_val: int, feature_cache: bool, feature_seconds: float,
-                 device: torch.device, history: list[dict], stopped_early: bool, best_epoch: int,
+                 device: torch.device, world_size: int, history: list[dict], stopped_early: bool, best_epoch: int,
                  test_seconds: float) -> dict:
     """Write ``metrics.json``, ``model.json`` and the plots of a finished run (``pred``: its test
     predictions), then mark ``last.pt`` finished. Returns the metrics; leaves ``model`` on the CPU."""
@@ -102,6 +102,9 @@ def write_record(run_dir: Path, cfg: TrainConfig, model: Classifier, data: Cifar
         "feature_cache": feature_cache,
         "feature_seconds": feature_seconds,
         "device": device_name(str(device)),
+        "world_size": world_size,  # processes (torchrun), each on its own device
+        "batch_size_per_process": cfg.batch_size,
+        "global_batch_size": cfg.batch_size * world_size,
         "params_total": total,
         "params_trainable": trainable,
         "flops": count_flops(model.cpu(), model.image_size),

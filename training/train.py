@@ -3,6 +3,9 @@
 Each run writes ``runs/<name>/``: ``last.pt`` and ``best.pt`` (atomic), ``metrics.json``,
 ``model.json`` (what export and the service read) and PNG plots. ``--resume`` continues after an
 interruption, losing at most the epoch in progress.
+
+``torchrun --nproc-per-node N -m training.train …`` trains with DistributedDataParallel on N processes
+(and ``--nnodes`` for several hosts); ``--batch-size`` is then per process.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.elastic.multiprocessing import errors
 from torch.utils.data import DataLoader
 
-from training import engine, record
+from training import distributed, engine, record
 from training.data import (
     CifarData,
     EpochBatches,
     ImageArrayDataset,
-    eval_loader,
     load_dataset,
     parse_augment,
     stratified_split,
@@ -55,7 +58,8 @@ class TrainConfig:
     weights_file: str | None = field(default=None, metadata={"help": "local ImageNet state dict for the backbone"})
     input_size: int | None = field(default=None, metadata={"help": "network resolution (default: the backbone's)"})
     epochs: int = field(default=10, metadata={"help": "training epochs"})
-    batch_size: int = field(default=64, metadata={"help": "images per training batch"})
+    batch_size: int = field(default=64, metadata={
+        "help": "images per training batch and process (torchrun: the global batch is this × the world size)"})
     optimizer: str = field(default="adamw", metadata={"help": "optimizer", "choices": OPTIMIZERS})
     lr: float = field(default=1e-3, metadata={"help": "learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
@@ -78,7 +82,10 @@ class TrainConfig:
     phase2_lr_scale: float = field(default=0.1, metadata={"help": "two-phase: learning-rate factor of the full phase"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation, validation split and batch order"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads (default: torch's)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 …"})
+    device: str = field(default="auto", metadata={
+        "help": "auto, cpu, cuda, cuda:1 … (torchrun: each process takes the GPU of its LOCAL_RANK)"})
+    dist_timeout: float = field(default=600, metadata={
+        "help": "torchrun: seconds a process waits for the others before the job fails (a hung process)"})
     amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
     limit_train: int | None = field(default=None, metadata={"help": "use only the first N training images"})
     limit_test: int | None = field(default=None, metadata={"help": "use only the first N test images"})
@@ -165,25 +172,45 @@ def phase_schedule(cfg: TrainConfig, strategy: Strategy, phase: str, phase1: int
     return cfg.lr * cfg.phase2_lr_scale, cfg.epochs - phase1
 
 
-def train(cfg: TrainConfig) -> dict:
-    """One training run; returns the metrics also written to ``metrics.json``. A finished run with
-    ``resume`` returns its saved metrics."""
-    cfg.validate()
-    strategy = parse_strategy(cfg.strategy)
-    device = engine.pick_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.runs_dir) / cfg.run_name
+def _saved_run(run_dir: Path, cfg: TrainConfig) -> tuple[dict | None, dict | None]:
+    """The checkpoint to continue from (None for a new run) and, when the run has finished, its metrics."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     ckpt = record.resume_checkpoint(run_dir, asdict(cfg), cfg.resume)
     if ckpt is not None and ckpt.get("finished") and (run_dir / "metrics.json").exists():
-        print(f"{run_dir}: already complete (use another --name to train again)")
-        return json.loads((run_dir / "metrics.json").read_text())
+        return None, json.loads((run_dir / "metrics.json").read_text())
+    return ckpt, None
 
-    torch.manual_seed(cfg.seed)
-    data = load_data(cfg)
-    model, weights = get_model(cfg.model, data.num_classes, cfg.head, cfg.weights, cfg.weights_file, cfg.input_size)
+
+def train(cfg: TrainConfig) -> dict:
+    """One training run; returns the metrics also written to ``metrics.json``. A finished run with
+    ``resume`` returns its saved metrics. Under torchrun the processes train one model together (rank 0
+    writes the run folder) and each returns the metrics."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    with distributed.process_group(engine.pick_device(cfg.device), cfg.dist_timeout) as device:
+        return _train(cfg, device)
+
+
+def _train(cfg: TrainConfig, device: torch.device) -> dict:
+    strategy = parse_strategy(cfg.strategy)
+    rank, world = distributed.rank(), distributed.world_size()
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    ckpt, finished = distributed.from_main(_saved_run, run_dir, cfg)  # the run folder is rank 0's
+    if finished is not None:
+        print(f"{run_dir}: already complete (use another --name to train again)")
+        return finished
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    with distributed.local_main_first():  # one download per node
+        data = load_data(cfg)
+        model, weights = get_model(cfg.model, data.num_classes, cfg.head, cfg.weights, cfg.weights_file,
+                                   cfg.input_size)
+    if world > 1:
+        torch.manual_seed(cfg.seed + rank)  # each rank its own augmentation and dropout
+        print(f"torchrun: {world} processes ({torch.distributed.get_backend()}), {cfg.batch_size} images each "
+              f"per step, global batch {cfg.batch_size * world}")
     if cfg.weights == "none":
         print(f"NOTE: {cfg.model} starts from random init (--weights none), on purpose.", file=sys.stderr)
     print(f"{cfg.model}: weights = {weights}")
@@ -200,20 +227,18 @@ def train(cfg: TrainConfig) -> dict:
 
     history: list[dict] = []
     start_epoch, best_val, bad_epochs = 0, math.inf, 0
-    gen = torch.Generator().manual_seed(cfg.seed)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         history, start_epoch = ckpt["history"], ckpt["epoch"]
         best_val, bad_epochs = ckpt["best_val_loss"], ckpt["bad_epochs"]
-        gen.set_state(ckpt["generator"])
         print(f"resuming {run_dir} after epoch {start_epoch}")
     net, cached, feature_seconds = model, cfg.use_cache(), 0.0
     if cached:  # the head trains on the frozen backbone's features, computed once
         print("frozen backbone: computing its features once and training the head on them (feature cache)")
         sets, feature_seconds = feature_datasets(model, sets, run_dir / "features.pt", weights, device, cfg.amp)
         net = model.head
-    train_loader = DataLoader(sets["train"], batch_sampler=EpochBatches(len(sets["train"]), cfg.batch_size, gen))
-    val_loader = eval_loader(sets["val"])
+    sampler = EpochBatches(len(sets["train"]), cfg.batch_size, cfg.seed, rank, world)
+    train_loader = DataLoader(sets["train"], batch_sampler=sampler)
 
     # elapsed_s counts the one-off feature extraction too: it is part of the training cost
     t_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else feature_seconds)
@@ -222,6 +247,7 @@ def train(cfg: TrainConfig) -> dict:
         current = strategy.phase(epoch, phase1)
         if current != phase:
             apply_strategy(model, current, strategy.n)
+            trained = distributed.wrap(net, device)  # DDP registers the parameters that train now
             opt, sched = make_optimizer(cfg, net, *phase_schedule(cfg, strategy, current, phase1))
             if ckpt is not None and ckpt.get("phase") == current and epoch == start_epoch:
                 opt.load_state_dict(ckpt["optimizer"])
@@ -229,10 +255,11 @@ def train(cfg: TrainConfig) -> dict:
                     sched.load_state_dict(ckpt["scheduler"])
             phase = current
         t0 = time.perf_counter()
-        train_loss, train_acc = engine.train_one_epoch(net, opt, train_loader, device, amp=cfg.amp,
+        sampler.set_epoch(epoch)
+        train_loss, train_acc = engine.train_one_epoch(trained, opt, train_loader, device, amp=cfg.amp,
                                                        label_smoothing=cfg.label_smoothing,
                                                        desc=f"epoch {epoch + 1}/{cfg.epochs} train")
-        val_loss, val_acc, _ = engine.evaluate(net, val_loader, device, cfg.amp, desc="val eval")
+        val_loss, val_acc, _ = engine.evaluate(net, sets["val"], device, cfg.amp, desc="val eval")
         monitor = val_loss if not math.isnan(val_loss) else train_loss
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(monitor)
@@ -246,28 +273,30 @@ def train(cfg: TrainConfig) -> dict:
               f"val loss {val_loss:.4f} acc {val_acc:.4f} | lr {row['lr']:.2e} | {row['seconds']:.1f}s")
         if monitor < best_val:
             best_val, bad_epochs = monitor, 0
-            atomic_save_torch({"model": model.state_dict(), "epoch": epoch + 1, "val_loss": monitor}, best_path)
+            distributed.from_main(atomic_save_torch, {"model": model.state_dict(), "epoch": epoch + 1,
+                                                      "val_loss": monitor}, best_path)
         else:
             bad_epochs += 1
         stopped_early = bool(cfg.early_stopping and bad_epochs >= cfg.early_stopping)
-        atomic_save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                  "scheduler": sched.state_dict() if sched is not None else None,
-                                  "epoch": epoch + 1, "phase": phase, "history": history, "best_val_loss": best_val,
-                                  "bad_epochs": bad_epochs, "generator": gen.get_state(), "config": asdict(cfg),
-                                  "finished": False}, last_path)
+        distributed.from_main(atomic_save_torch, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None, "epoch": epoch + 1, "phase": phase,
+            "history": history, "best_val_loss": best_val, "bad_epochs": bad_epochs, "config": asdict(cfg),
+            "finished": False}, last_path)
         if stopped_early:
             print(f"early stopping: validation loss has not improved for {bad_epochs} epochs")
             break
 
-    best = record.load_checkpoint(best_path)
+    best = distributed.from_main(record.load_checkpoint, best_path)
     model.load_state_dict(best["model"])
     t0 = time.perf_counter()
-    _, _, pred = engine.evaluate(net, eval_loader(sets["test"]), device, cfg.amp, desc="test eval")
+    _, _, pred = engine.evaluate(net, sets["test"], device, cfg.amp, desc="test eval")
     test_seconds = time.perf_counter() - t0
     apply_strategy(model, strategy.phase(cfg.epochs - 1, phase1), strategy.n)  # trainable counts as trained
-    return record.write_record(run_dir, cfg, model, data, pred, weights=weights, num_train=len(tr), num_val=len(va),
-                               feature_cache=cached, feature_seconds=feature_seconds, device=device, history=history,
-                               stopped_early=stopped_early, best_epoch=best["epoch"], test_seconds=test_seconds)
+    return distributed.from_main(
+        record.write_record, run_dir, cfg, model, data, pred, weights=weights, num_train=len(tr), num_val=len(va),
+        feature_cache=cached, feature_seconds=feature_seconds, device=device, world_size=world, history=history,
+        stopped_early=stopped_early, best_epoch=best["epoch"], test_seconds=test_seconds)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -304,4 +333,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.record(main)())  # under torchrun, an exception's traceback goes into its failure report
