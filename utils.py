@@ -321,3 +321,11 @@ class ModelRef:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def cli(cls, fn, argv: list[str] | None, prog: str, description: str | None, positional: tuple[str, ...] = (),
+        section: str | None = None) -> int:
+    """A whole CLI in one call: the parser generated from ``cls`` (``--config`` YAML defaults, ``section``),
+    then ``fn(config)`` under :func:`run_cli`; returns the exit code."""
+    cfg, _ = parse_config(cls, config_parser(cls, prog, description, positional), argv, section)
+    return run_cli(fn, cfg)

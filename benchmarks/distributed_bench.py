@@ -21,7 +21,7 @@ import torch
 
 from training.distributed import launch
 from training.train import TrainConfig
-from utils import atomic_write, atomic_write_json, config_parser, parse_config, run_cli
+from utils import atomic_write, atomic_write_json, cli
 
 HERE = Path(__file__).resolve().parent
 
@@ -135,9 +135,7 @@ def run(cfg: DistributedBenchConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(DistributedBenchConfig, "benchmarks/distributed_bench.py", __doc__)
-    cfg, _ = parse_config(DistributedBenchConfig, parser, argv)
-    return run_cli(run, cfg)
+    return cli(DistributedBenchConfig, run, argv, "benchmarks/distributed_bench.py", __doc__)
 
 
 if __name__ == "__main__":

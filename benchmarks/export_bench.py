@@ -15,7 +15,7 @@ from pathlib import Path
 from export.benchmark import BenchmarkConfig, run_benchmark
 from export.exporter import ExportConfig, run_export
 from training.train import TrainConfig, train
-from utils import config_parser, parse_config, run_cli
+from utils import cli
 
 HERE = Path(__file__).resolve().parent
 SPEED_MODELS = ("resnet50", "efficientnet_b0", "alexnet")
@@ -47,9 +47,7 @@ def run(cfg: ExportBenchConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_config(ExportBenchConfig, config_parser(ExportBenchConfig, "benchmarks/export_bench.py", __doc__),
-                          argv)
-    return run_cli(run, cfg)
+    return cli(ExportBenchConfig, run, argv, "benchmarks/export_bench.py", __doc__)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from benchmarks.fuzz import MULTIPART, base_images, encode, form, multipart, ser
 from benchmarks.soak import Load
 from loadtest import LoadTestError
 from loadtest.server import serve
-from utils import ModelRef, atomic_write, atomic_write_json, config_parser, cpu_name, parse_config, run_cli
+from utils import ModelRef, atomic_write, atomic_write_json, cli, cpu_name
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -441,9 +441,7 @@ def render(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(FaultsConfig, "python -m benchmarks.faults", __doc__.split("\n\n")[0])
-    cfg, _ = parse_config(FaultsConfig, parser, argv)
-    return run_cli(run, cfg)
+    return cli(FaultsConfig, run, argv, "python -m benchmarks.faults", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

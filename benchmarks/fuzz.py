@@ -33,7 +33,7 @@ import psutil
 from PIL import Image
 
 from loadtest.server import serve
-from utils import ModelRef, UserError, atomic_write, atomic_write_json, config_parser, cpu_name, parse_config, run_cli
+from utils import ModelRef, UserError, atomic_write, atomic_write_json, cli, cpu_name
 
 HERE = Path(__file__).resolve().parent
 CIFAR = HERE.parent.parent / "shared" / "data"
@@ -414,9 +414,7 @@ def write(result: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(FuzzConfig, "python -m benchmarks.fuzz", __doc__.split("\n\n")[0])
-    cfg, _ = parse_config(FuzzConfig, parser, argv)
-    return run_cli(run, cfg)
+    return cli(FuzzConfig, run, argv, "python -m benchmarks.fuzz", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -24,16 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import (
-    ModelRef,
-    UserError,
-    atomic_write,
-    atomic_write_json,
-    config_parser,
-    parse_config,
-    run_cli,
-    versions,
-)
+from utils import ModelRef, UserError, atomic_write, atomic_write_json, cli, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 MIN_AGREEMENT = 0.98  # top-1 agreement of ONNX Runtime CUDA with CPU on the same images
@@ -282,9 +273,8 @@ def run_gpu_check(cfg: GpuCheckConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(GpuCheckConfig, "python -m benchmarks.gpu_check", __doc__, positional=("artifacts",))
-    cfg, _ = parse_config(GpuCheckConfig, parser, argv, section="gpu_check")
-    return run_cli(run_gpu_check, cfg)
+    return cli(GpuCheckConfig, run_gpu_check, argv, "python -m benchmarks.gpu_check", __doc__,
+               positional=("artifacts",), section="gpu_check")
 
 
 if __name__ == "__main__":

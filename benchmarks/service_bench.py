@@ -33,7 +33,7 @@ from loadtest.payloads import load_payloads
 from loadtest.server import serve
 from service.preprocessing import decode_image, fit_image
 from service.runtime import load_ort_model, open_artifact
-from utils import ModelRef, UserError, atomic_write, atomic_write_json, config_parser, cpu_name, parse_config, run_cli
+from utils import ModelRef, UserError, atomic_write, atomic_write_json, cli, cpu_name
 
 HERE = Path(__file__).resolve().parent
 
@@ -205,9 +205,7 @@ def write(rows: list[dict], out: Path, args: ServiceBenchConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(ServiceBenchConfig, "benchmarks/service_bench.py", __doc__)
-    cfg, _ = parse_config(ServiceBenchConfig, parser, argv)
-    return run_cli(run, cfg)
+    return cli(ServiceBenchConfig, run, argv, "benchmarks/service_bench.py", __doc__)
 
 
 if __name__ == "__main__":

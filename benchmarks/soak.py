@@ -27,18 +27,7 @@ import numpy as np
 from benchmarks.fuzz import MULTIPART, encode, envelope_cases, form, multipart, rss_mb, serving_processes
 from loadtest.payloads import load_payloads
 from loadtest.server import serve
-from utils import (
-    ModelRef,
-    UserError,
-    atomic_write,
-    atomic_write_json,
-    config_parser,
-    cpu_name,
-    parse_config,
-    pyplot,
-    run_cli,
-    save_figure,
-)
+from utils import ModelRef, UserError, atomic_write, atomic_write_json, cli, cpu_name, pyplot, save_figure
 
 HERE = Path(__file__).resolve().parent
 CIFAR = HERE.parent.parent / "shared" / "data"
@@ -235,9 +224,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(SoakConfig, "python -m benchmarks.soak", __doc__.split("\n\n")[0])
-    cfg, _ = parse_config(SoakConfig, parser, argv)
-    return run_cli(run, cfg)
+    return cli(SoakConfig, run, argv, "python -m benchmarks.soak", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

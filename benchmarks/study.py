@@ -24,17 +24,7 @@ from export.onnx_export import ExportError
 from loadtest.run import LoadTestConfig
 from service.runtime import ArtifactError
 from training.train import TrainConfig
-from utils import (
-    UserError,
-    atomic_write,
-    atomic_write_json,
-    config_parser,
-    from_mapping,
-    parse_config,
-    pyplot,
-    run_cli,
-    save_figure,
-)
+from utils import UserError, atomic_write, atomic_write_json, cli, from_mapping, pyplot, save_figure
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ROOT / "configs" / "published.yaml"
@@ -351,9 +341,7 @@ def run_study(args: StudyArgs) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(StudyArgs, "python -m benchmarks.study", __doc__, positional=("study",))
-    args, _ = parse_config(StudyArgs, parser, argv)
-    return run_cli(run_study, args)
+    return cli(StudyArgs, run_study, argv, "python -m benchmarks.study", __doc__, positional=("study",))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from training.compare import bar_chart
 from training.train import TrainConfig, train
-from utils import atomic_write, atomic_write_json, config_parser, parse_config, run_cli
+from utils import atomic_write, atomic_write_json, cli
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,9 +92,7 @@ def run(cfg: TrainingBenchConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(TrainingBenchConfig, "benchmarks/training_bench.py", __doc__)
-    cfg, _ = parse_config(TrainingBenchConfig, parser, argv, section="training_bench")
-    return run_cli(run, cfg)
+    return cli(TrainingBenchConfig, run, argv, "benchmarks/training_bench.py", __doc__, section="training_bench")
 
 
 if __name__ == "__main__":

@@ -20,18 +20,7 @@ import numpy as np
 
 from service.runtime import ArtifactError, open_artifact, read_manifest
 from service.tensorrt_engine import unavailable_reason
-from utils import (
-    UserError,
-    atomic_write,
-    atomic_write_json,
-    config_parser,
-    cpu_name,
-    device_name,
-    parse_config,
-    pyplot,
-    run_cli,
-    save_figure,
-)
+from utils import UserError, atomic_write, atomic_write_json, cli, cpu_name, device_name, pyplot, save_figure
 
 FORMAT_LABELS = {"pytorch": "PyTorch eager FP32", "fp32": "ONNX Runtime FP32", "fp16": "ONNX Runtime FP16",
                  "int8": "ONNX Runtime INT8 (CPU Q/DQ)", "int8_trt": "ONNX Runtime INT8 (TensorRT Q/DQ)",
@@ -260,9 +249,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(BenchmarkConfig, "python -m export.benchmark", __doc__, positional=("artifacts",))
-    cfg, _ = parse_config(BenchmarkConfig, parser, argv, section="benchmark")
-    return run_cli(run_benchmark, cfg)
+    return cli(BenchmarkConfig, run_benchmark, argv, "python -m export.benchmark", __doc__, positional=("artifacts",),
+               section="benchmark")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import UserError, atomic_write, config_parser, parse_config, pyplot, run_cli, save_figure
+from utils import UserError, atomic_write, cli, pyplot, save_figure
 
 
 def load_runs(paths: list[str]) -> list[dict]:
@@ -101,9 +101,8 @@ def compare(cfg: CompareConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_parser(CompareConfig, "python -m training.compare", __doc__, positional=("runs",))
-    cfg, _ = parse_config(CompareConfig, parser, argv, section="compare")
-    return run_cli(compare, cfg)
+    return cli(CompareConfig, compare, argv, "python -m training.compare", __doc__, positional=("runs",),
+               section="compare")
 
 
 if __name__ == "__main__":
