@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import pickle
 import struct
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from loadtest.payloads import cifar_test_images
 from loadtest.server import serve
 from utils import ModelRef, UserError, atomic_write, atomic_write_json, cli, cpu_name
 
@@ -63,11 +63,9 @@ class Case:
 def base_images(n: int, seed: int, data_dir: Path | None) -> list[np.ndarray]:
     """``n`` uint8 RGB images: CIFAR-10 test images upscaled to 32–96 px, or seeded synthetic ones."""
     rng = np.random.default_rng(seed)
-    batch = (data_dir or CIFAR) / "cifar-10-batches-py" / "test_batch"
-    if batch.is_file():
-        with open(batch, "rb") as f:
-            x = np.asarray(pickle.load(f, encoding="latin1")["data"], np.uint8)[:n].reshape(-1, 3, 32, 32)
-        small = list(x.transpose(0, 2, 3, 1))
+    folder = (data_dir or CIFAR) / "cifar-10-batches-py"
+    if (folder / "test_batch").is_file():
+        small = list(cifar_test_images(folder, n))
     else:
         small = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
     sizes = rng.choice([32, 48, 64, 96], n)

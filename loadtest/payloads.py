@@ -26,8 +26,9 @@ def _png(a: np.ndarray) -> bytes:
     return b.getvalue()
 
 
-def cifar_pngs(folder: Path, limit: int) -> list[bytes]:
-    """The first ``limit`` images of a CIFAR test batch (``test_batch`` or ``test``) as PNG bytes."""
+def cifar_test_images(folder: Path, limit: int) -> np.ndarray:
+    """The first ``limit`` images of a CIFAR test batch (``test_batch`` or ``test``) under ``folder``, as
+    uint8 (N, 32, 32, 3)."""
     folder = Path(folder)
     for sub in ("", "cifar-10-batches-py", "cifar-100-python"):
         for name in ("test_batch", "test"):
@@ -36,11 +37,15 @@ def cifar_pngs(folder: Path, limit: int) -> list[bytes]:
                 try:
                     with open(path, "rb") as f:
                         d = pickle.load(f, encoding="latin1")
-                    x = np.asarray(d["data"], dtype=np.uint8)[:limit].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                    return np.asarray(d["data"], dtype=np.uint8)[:limit].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
                 except Exception as e:
                     raise PayloadError(f"cannot read CIFAR test images from {path}: {e}") from e
-                return [_png(a) for a in x]
     raise PayloadError(f"no CIFAR test batch (test_batch or test) under {folder}")
+
+
+def cifar_pngs(folder: Path, limit: int) -> list[bytes]:
+    """The first ``limit`` images of a CIFAR test batch as PNG bytes."""
+    return [_png(a) for a in cifar_test_images(folder, limit)]
 
 
 def folder_images(folder: Path, limit: int) -> list[bytes]:
