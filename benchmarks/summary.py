@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from loadtest.scenarios import best_within_slo
 from utils import atomic_write
 
 HERE = Path(__file__).resolve().parent
@@ -127,14 +128,7 @@ def _how(r: dict) -> str:
 
 def loadtest(rows: list[dict], slo_ms: float = 100.0) -> list[str]:
     """Per served model: its most images/s within the SLO with single images, and with batches."""
-    best: dict[tuple, dict] = {}
-    for r in rows:
-        if r["p95_ms"] is None or r["p95_ms"] > slo_ms or r["failures"] > 0.01 * r["requests"]:
-            continue
-        key = (r["model"], r["backend"], r["precision"], r["scenario"] == "offline")
-        if key not in best or r["images_per_s"] > best[key]["images_per_s"]:
-            best[key] = r
-    ranked = sorted(best.values(), key=lambda r: -r["images_per_s"])
+    ranked = best_within_slo(rows, slo_ms, by_request_kind=True)
     models = len({(r["model"], r["backend"]) for r in rows})
     out = [f"{models} (model, precision) entries on {rows[0]['device']}: {sum(r['requests'] for r in rows):,} "
            f"requests, {sum(r['failures'] for r in rows)} failed. Most images/s with p95 ≤ {slo_ms:.0f} ms and "

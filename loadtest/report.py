@@ -136,10 +136,9 @@ def write_bench(rows: list[dict], out: Path, slo_ms: float) -> None:
     merged = [r for r in old if (r["model"], r["backend"], r["precision"]) not in keys] + new
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(merged, path)
-    full = [{**r, "failure_ratio": (r["failures"] / r["requests"]) if r["requests"] else 1.0} for r in merged]
     md = ["# Load-test benchmark", "", "Produced by `python -m loadtest.run … --bench-out benchmarks/loadtest`: the "
           "service, Locust and the models share this machine's cores, so these figures include that contention.",
-          "", *table(merged), "", *best_lines(best_within_slo(full, slo_ms), slo_ms), "",
+          "", *table(merged), "", *best_lines(best_within_slo(merged, slo_ms), slo_ms), "",
           "![throughput](loadtest.png)", ""]
     atomic_write(out.with_suffix(".md"), "\n".join(md))
     for name, fig in plots(merged).items():

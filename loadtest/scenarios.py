@@ -92,15 +92,17 @@ def gate(rows: list[dict], slo_ms: float | None, max_failure_ratio: float) -> li
     return problems
 
 
-def best_within_slo(rows: list[dict], slo_ms: float) -> list[dict]:
-    """Per model/backend/precision: the highest image rate whose p95 is within the SLO and failures ≤ 1%."""
+def best_within_slo(rows: list[dict], slo_ms: float, by_request_kind: bool = False) -> list[dict]:
+    """Per model/backend/precision (and, with ``by_request_kind``, single images apart from batches): the
+    highest image rate whose p95 is within the SLO and failures ≤ 1%, best first."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        if r["scenario"] not in ("server", "single-stream", "offline") or r["failure_ratio"] > 0.01:
+        if r["scenario"] not in ("server", "single-stream", "offline") or not r["requests"] \
+                or r["failures"] > 0.01 * r["requests"]:
             continue
         if r["p95_ms"] is None or r["p95_ms"] > slo_ms:
             continue
-        k = (r["model"], r["backend"], r["precision"])
+        k = (r["model"], r["backend"], r["precision"]) + ((r["scenario"] == "offline",) if by_request_kind else ())
         if k not in best or r["images_per_s"] > best[k]["images_per_s"]:
             best[k] = r
     return sorted(best.values(), key=lambda r: -r["images_per_s"])
