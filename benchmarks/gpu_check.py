@@ -104,20 +104,6 @@ def training_steps(batch: int = 16) -> list[dict]:
     return rows
 
 
-def images(manifest: dict, n: int) -> np.ndarray:
-    """``n`` of the run's test images (random ones where the data set is not here), as model input."""
-    from service.preprocessing import Preprocessing
-    from training.data import load_dataset
-
-    pre = Preprocessing.from_dict(manifest["preprocessing"])
-    try:
-        data_dir = json.loads((Path(manifest["source_run"]) / "metrics.json").read_text())["config"]["data_dir"]
-        x = load_dataset(manifest["dataset"], data_dir, download=False).test_x[:n]
-    except Exception:  # parity needs no labels
-        x = np.random.default_rng(0).integers(0, 256, (n, pre.image_size, pre.image_size, 3), dtype=np.uint8)
-    return pre.to_input(x)
-
-
 def ort_parity(folder: Path, manifest: dict, x: np.ndarray) -> list[dict]:
     """ONNX Runtime CUDA vs CPU on every exported ONNX format: max |Δlogit| and top-1 agreement."""
     from service.runtime import open_artifact
@@ -227,7 +213,7 @@ def run_gpu_check(cfg: GpuCheckConfig) -> int:
     if reason:
         print(f"gpu-check: no GPU here ({reason}); nothing was checked")
         return 0
-    from export.benchmark import benchmark_model
+    from export.benchmark import benchmark_model, sample_inputs
     from service import tensorrt_engine as trt_engine
     from service.runtime import read_manifest
 
@@ -245,7 +231,7 @@ def run_gpu_check(cfg: GpuCheckConfig) -> int:
     manifests = []
     for folder in folders:
         manifest = read_manifest(folder / "manifest.json")
-        report["parity"] += ort_parity(folder, manifest, images(manifest, cfg.parity_images))
+        report["parity"] += ort_parity(folder, manifest, sample_inputs(manifest, cfg.parity_images))
         try:
             manifest = build_engines(folder, manifest)
         except Exception as e:  # reported with everything else

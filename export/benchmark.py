@@ -117,21 +117,26 @@ def _runners(artifact_dir: Path, manifest: dict, formats: list[str], threads: in
             yield fmt, "TensorRT", e["gpu"], runner
 
 
-def benchmark_model(artifact_dir: Path, batches: list[int], warmup: int, iters: int, min_seconds: float,
-                    threads: int, formats: list[str], providers: list[str]) -> list[dict]:
+def sample_inputs(manifest: dict, n: int) -> np.ndarray:
+    """Model input of ``n`` of the run's test images (repeated where there are fewer), through the serving
+    preprocessing; seeded random images where the data set is not here (timing and parity need no labels)."""
     from service.preprocessing import Preprocessing
     from training.data import load_dataset
 
-    manifest = read_manifest(artifact_dir / "manifest.json")
     pre = Preprocessing.from_dict(manifest["preprocessing"])
-    pretrained = not str(manifest.get("weights", "")).startswith("none")
     try:
-        data = load_dataset(manifest["dataset"], json.loads((Path(manifest["source_run"]) / "metrics.json")
-                                                            .read_text())["config"]["data_dir"], download=False)
-        images = data.test_x
-    except Exception:  # timing does not need real images
-        images = np.random.default_rng(0).integers(0, 256, (max(batches), 32, 32, 3), dtype=np.uint8)
-    x_all = pre.to_input(np.resize(images, (max(batches), *images.shape[1:])))
+        data_dir = json.loads((Path(manifest["source_run"]) / "metrics.json").read_text())["config"]["data_dir"]
+        images = load_dataset(manifest["dataset"], data_dir, download=False).test_x
+    except Exception:
+        images = np.random.default_rng(0).integers(0, 256, (n, pre.image_size, pre.image_size, 3), dtype=np.uint8)
+    return pre.to_input(np.resize(images, (n, *images.shape[1:])))
+
+
+def benchmark_model(artifact_dir: Path, batches: list[int], warmup: int, iters: int, min_seconds: float,
+                    threads: int, formats: list[str], providers: list[str]) -> list[dict]:
+    manifest = read_manifest(artifact_dir / "manifest.json")
+    pretrained = not str(manifest.get("weights", "")).startswith("none")
+    x_all = sample_inputs(manifest, max(batches))
     ref_acc = manifest["pytorch"]["accuracy"]
     rows = []
     for fmt, provider, device, fn in _runners(artifact_dir, manifest, formats, threads, providers):
@@ -147,7 +152,8 @@ def benchmark_model(artifact_dir: Path, batches: list[int], warmup: int, iters: 
                 "accuracy": acc, "accuracy_delta": (acc - ref_acc) if acc is not None and ref_acc is not None else None,
                 "pretrained": pretrained,
                 "weights": manifest.get("weights"), "dataset": manifest["dataset"],
-                "input_size": pre.input_size, **{k: round(v, 3) for k, v in s.items() if k != "iterations"},
+                "input_size": manifest["preprocessing"]["input_size"],
+                **{k: round(v, 3) for k, v in s.items() if k != "iterations"},
                 "iterations": s["iterations"], "provider": provider, "device": device,
             })
             print(f"{manifest['backbone']:18} {FORMAT_LABELS[fmt]:34} b={b:<3} p50 {s['p50_ms']:8.2f} ms  "

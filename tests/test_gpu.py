@@ -24,6 +24,7 @@ from packaging.requirements import Requirement
 
 from benchmarks import gpu_check
 from export import quantize
+from export.benchmark import sample_inputs
 from export.exporter import ExportConfig, run_export
 from export.onnx_export import ExportError
 from export.trt_check import tensorrt_problems
@@ -373,7 +374,7 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line():
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="ONNX Runtime CUDA is here")
 def test_gpu_check_reports_a_missing_cuda_provider_instead_of_pretending(exported):
     out, manifest = exported
-    rows = gpu_check.ort_parity(out, manifest, gpu_check.images(manifest, 8))
+    rows = gpu_check.ort_parity(out, manifest, sample_inputs(manifest, 8))
     assert {r["format"] for r in rows} == {"fp32", "fp16", "int8", "int8_trt"}
     assert all(not r["ok"] and "CUDAExecutionProvider" in r["error"] for r in rows)
 
