@@ -1,6 +1,7 @@
 """Export benchmark driver: ``python benchmarks/export_bench.py --data-dir ../shared/data``.
 
-1. Exports the fine-tuned EfficientNet-Lite0 run of ``benchmarks/training_bench.py``.
+1. Exports the shipped EfficientNet-Lite0 run (``configs/lite0-ship.yaml``: ``make ship`` or ``python -m
+   benchmarks.ship`` trains it).
 2. For ResNet-50, EfficientNet-B0 and AlexNet, whose ImageNet weights cannot be downloaded here,
    trains a 1-epoch random-init run (speed rows only: their accuracy columns say so) and exports it.
 3. Benchmarks all of them side by side (``export.benchmark``) → ``benchmarks/export.{json,md,png}``.
@@ -24,7 +25,7 @@ SPEED_MODELS = ("resnet50", "efficientnet_b0", "alexnet")
 @dataclass
 class ExportBenchConfig:
     data_dir: str = str(HERE.parent.parent / "shared" / "data")
-    lite0_run: str = "runs/bench/lite0-imagenet-full128"
+    lite0_run: str = "runs/ship-efficientnet_lite0"
     runs_dir: str = "runs/speed"
     artifacts: str = "artifacts"
     batches: list[int] = field(default_factory=lambda: [1, 8, 32])

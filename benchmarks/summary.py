@@ -1,6 +1,6 @@
 """Write ``benchmarks/README.md`` from the committed results: ``python -m benchmarks.summary``.
 
-The tables are rendered from ``benchmarks/{training,export,service,loadtest,study-cpu-small}.json``;
+The tables are rendered from ``benchmarks/{training,ship,robustness,export,service,loadtest,study-cpu-small}.json``;
 the interpretation is hand-written in ``benchmarks/notes.md`` (one ``## <section>`` per section below)
 and placed after that section's tables. ``tests/test_docs.py`` checks that the committed README is
 exactly what this writes, so rerun it after a benchmark or an edit of the notes.
@@ -79,13 +79,18 @@ def export(rows: list[dict]) -> list[str]:
                           "–" if row["accuracy_delta"] is None else f"{100 * row['accuracy_delta']:+.2f} pts",
                           _f(big and big["throughput_ips"], ".1f"), _f(one and one["p50_ms"], ".2f")])
         fp32 = at.get(("fp32", large))
+        ov_int8 = max((r for r in mine if r["batch"] == large and r["format"].startswith("openvino_int8")),
+                      key=lambda r: r["throughput_ips"], default=None)
         ratios.append([model, _ratio(at.get(("int8", large)), fp32), _ratio(at.get(("int8_trt", large)), fp32),
+                       _ratio(at.get(("openvino_fp32", large)), fp32),
+                       _ratio(ov_int8, fp32) + (f" ({ov_int8['format_label'][9:]})" if ov_int8 else ""),
                        _ratio(fp32, at.get(("pytorch", large)))])
     out += _table(["model", "weights", "format", "size MB", "accuracy", "Δ vs PyTorch", f"img/s (b{large})",
                    f"p50 ms (b{small})"], "lllrrrrr", table)
-    out += ["", f"Throughput ratios at batch {large}, ONNX Runtime on CPU:", ""]
-    out += _table(["model", "INT8 (CPU Q/DQ) ÷ FP32", "INT8 (TensorRT Q/DQ) ÷ FP32", "FP32 ÷ PyTorch eager"],
-                  "lrrr", ratios)
+    out += ["", f"Throughput ratios at batch {large} on the CPU, against ONNX Runtime FP32 (OpenVINO runs the "
+            "same ONNX files; its best INT8 flavour is named):", ""]
+    out += _table(["model", "ORT INT8 (CPU Q/DQ)", "ORT INT8 (TensorRT Q/DQ)", "OpenVINO FP32", "best OpenVINO INT8",
+                   "ORT FP32 ÷ PyTorch eager"], "lrrrrr", ratios)
     return out
 
 
@@ -166,12 +171,47 @@ def study(data: dict) -> list[str]:
     return out
 
 
+def ship(rows: list[dict]) -> list[str]:
+    first = rows[0]
+    out = [f"{first['num_train']} training, {first['num_val']} validation, {first['num_test']} test images; "
+           f"{first['cpu']}. The epoch that ships has the best validation loss.", ""]
+    return out + _table(
+        ["run", "augment", "px", "epochs", "selected", "val acc", "test acc (run)", "FP32 ONNX test acc",
+         "INT8 test acc (Δ)", "train s"],
+        "llrrrrrrrr",
+        [[r["run"], ",".join(r["augment"]) + ("" if r.get("serving_aug_p") is None else f" (p {r['serving_aug_p']:g})"),
+          str(r["input_size"]), str(r["epochs"]), str(r["best_epoch"]),
+          f"{100 * r['val_accuracy']:.2f}", f"{100 * r['test_accuracy']:.2f}",
+          _f(r["onnx_fp32_accuracy"] and 100 * r["onnx_fp32_accuracy"], ".2f"),
+          "–" if r["int8_accuracy"] is None else f"{100 * r['int8_accuracy']:.2f} ({100 * r['int8_delta']:+.2f})",
+          f"{r['train_seconds']:.0f}"] for r in rows])
+
+
+def robustness(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r["split"] == "test"]
+    by = {(r["run"], r["format"], r["variant"]): r for r in rows}
+    variants = ("png32", "jpeg32_q75", "jpeg256_q90", "jpeg32_q50", "png256", "gray_png32")
+    body = []
+    for run, fmt in dict.fromkeys((r["run"], r["format"]) for r in rows):
+        cells = [by.get((run, fmt, v)) for v in variants]
+        body.append([run, fmt.upper()] + ["–" if c is None else f"{100 * c['accuracy']:.2f}" if v == "png32"
+                                          else f"{100 * c['delta_vs_png32']:+.2f}"
+                                          for v, c in zip(variants, cells, strict=True)])
+    return [f"Test split ({rows[0]['n']} images) through the service's preprocessing: accuracy on PNG 32 px, "
+            "then Δ points for other uploads (target: JPEG q75 and 256 px JPEG within 1.5 points).", ""] + _table(
+        ["run", "format", "PNG 32 px", "JPEG q75", "JPEG 256 px", "JPEG q50", "PNG 256 px", "grayscale"],
+        "llrrrrrr", body)
+
+
 # --------------------------------------------------------------------------- document
 
 # (notes key, title, source JSON, renderer, the command that regenerates the source, figure)
 SECTIONS: list[tuple[str, str, str | None, Callable | None, str | None, str | None]] = [
     ("training", "Training: the real CIFAR-10 subset", "training.json", training,
      "python benchmarks/training_bench.py --data-dir ../shared/data", "training.png"),
+    ("ship", "The shipped Lite0", "ship.json", ship, "python -m benchmarks.ship", "ship.png"),
+    ("robustness", "Real-world uploads: JPEG and any size", "robustness.json", robustness,
+     "python -m benchmarks.ship (or python -m benchmarks.robustness ARTIFACTS … --split test)", "robustness.png"),
     ("export", "Export: formats side by side", "export.json", export,
      "python benchmarks/export_bench.py --data-dir ../shared/data", "export.png"),
     ("service", "Service: served vs in-process", "service.json", service,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,13 +21,13 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
-from export import quantize
+from export import int8_search, quantize
 from export.onnx_export import DEFAULT_OPSET, ExportError, artifact_metadata, export_onnx, load_run, opset_of
 from export.trt_check import tensorrt_problems
 from service import tensorrt_engine as trt_engine
 from service.preprocessing import Preprocessing
 from service.runtime import load_ort_model
-from training.data import CifarData, load_dataset
+from training.data import CifarData, load_dataset, stratified_split
 from utils import UserError, atomic_path, atomic_write_json, sha256_file, versions
 
 MAX_ABS_DIFF = 1e-4
@@ -57,10 +59,19 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET
     calib_images: int = field(default=512, metadata=_opt("class-balanced training images for INT8 calibration"))
     calib_method: str = field(default="minmax", metadata=_opt("", choices=list(quantize.CALIBRATION_METHODS)))
-    keep_float: list[str] = field(default_factory=lambda: ["preset"], metadata=_opt(
-        "regexes of nodes (name or torch module scope) kept in float in INT8; 'preset' adds the backbone's "
-        "known-sensitive nodes (EfficientNet stem, early blocks, SE, classifier); 'none' quantizes everything",
-        metavar="PATTERN"))
+    keep_float: list[str] = field(default_factory=lambda: ["auto"], metadata=_opt(
+        "which INT8 nodes stay float. 'auto': the search (--max-accuracy-drop) for pretrained runs with a "
+        "validation split of 100+ images, else 'preset'; 'search': the search for any run; 'preset': the "
+        "backbone's known-sensitive nodes (EfficientNet stem, early blocks, SE, classifier); 'none': "
+        "quantize everything; other values: regexes of node names or torch module scopes", metavar="PATTERN"))
+    max_accuracy_drop: float | None = field(default=0.5, metadata=_opt(
+        "INT8 search: largest validation accuracy drop vs FP32, in points"))
+    min_agreement: float = field(default=0.97, metadata=_opt(
+        "INT8 search: smallest validation top-1 agreement with FP32 (a small drop with many flipped images "
+        "is luck)"))
+    search_calibration: bool = field(default=True, metadata=_opt(
+        "INT8 search: also try minmax on all and a quarter of --calib-images, percentile and entropy on a "
+        "quarter, and per-tensor weights"))
     eval_limit: int | None = field(default=None, metadata=_opt("evaluate on the first N test images only"))
     min_batch: int = field(default=1, metadata=_opt("TensorRT optimization profile: smallest batch"))
     opt_batch: int = field(default=32, metadata=_opt("TensorRT optimization profile: batch tuned for"))
@@ -117,11 +128,12 @@ def run_export(cfg: ExportConfig) -> dict:
     for stale in out.glob("*.tmp"):  # left by an export that was killed mid-write
         stale.unlink()
     manifest_path = out / "manifest.json"
-    old, old_pytorch_acc = {}, None
+    old, old_pytorch_acc, old_search = {}, None, {}
     if manifest_path.is_file() and not cfg.force:
         try:
             previous = json.loads(manifest_path.read_text())
             old, old_pytorch_acc = previous.get("artifacts", {}), previous.get("pytorch", {}).get("accuracy")
+            old_search = previous.get("int8_search") or {}
         except json.JSONDecodeError:
             print(f"WARNING: {manifest_path} is corrupt; re-exporting everything", file=sys.stderr)
     ckpt_sha = sha256_file(ckpt_path)
@@ -203,31 +215,9 @@ def run_export(cfg: ExportConfig) -> dict:
                         opset=cfg.opset)
             record("fp16", key, evaluate("fp16")[1])
 
-    calib_x = None
-    keep_patterns = _keep_patterns(cfg.keep_float, mj["backbone"])
-    for fmt, flavour in (("int8", "cpu"), ("int8_trt", "trt")):
-        if fmt not in cfg.formats:
-            continue
-        recipe = quantize.TRT_OPTIONS if flavour == "trt" else {}
-        key = _key(arts["fp32"]["sha256"], cfg.calib_images, cfg.calib_method, keep_patterns, flavour, recipe)
-        if up_to_date(fmt, key):
-            continue
-        if calib_x is None:
-            calib_x = _calibration_batch(cfg, data, pre)
-        keep = quantize.resolve_keep_float(out / "model.onnx", keep_patterns)
-        print(f"quantizing {ARTIFACTS[fmt][0]} ({flavour} flavour, {cfg.calib_method} calibration on "
-              f"{len(calib_x)} training images, {len(keep)} nodes kept in float)")
-        path = out / ARTIFACTS[fmt][0]
-        quantize.quantize_int8(out / "model.onnx", path, calib_x, flavour, cfg.calib_method, keep)
-        problems = tensorrt_problems(onnx.load(str(path))) if flavour == "trt" else []
-        if problems:
-            path.unlink()
-            raise ExportError(f"{path.name} would not build with TensorRT ({len(problems)} problems): "
-                              + "; ".join(problems[:3]))
-        record(fmt, key, evaluate(fmt)[1],
-               calibration={"method": cfg.calib_method, "images": int(len(calib_x)), "flavour": flavour,
-                            "keep_float_patterns": keep_patterns, "keep_float_nodes": len(keep)},
-               qdq=quantize.qdq_summary(out / ARTIFACTS[fmt][0]))
+    int8 = [(f, flavour) for f, flavour in (("int8", "cpu"), ("int8_trt", "trt")) if f in cfg.formats]
+    if int8:
+        _int8(cfg, out, mj, metrics, data, pre, manifest, old_search, up_to_date, record, evaluate, int8)
 
     _tensorrt(cfg, out, arts, up_to_date, record, lambda runner: _scores(
         batched(runner, x_test, batch=min(64, cfg.max_batch), desc="tensorrt"), y_test, *reference()[1:]))
@@ -245,14 +235,109 @@ def _keep_patterns(keep_float: list[str], backbone: str) -> list[str]:
     for p in keep_float:
         if p == "preset":
             out += quantize.KEEP_FLOAT_PRESETS.get(backbone, [])
-        elif p != "none":
+        elif p not in ("none", "auto", "search"):
             out.append(p)
     return out
 
 
-def _calibration_batch(cfg: ExportConfig, data: CifarData, pre: Preprocessing) -> np.ndarray:
-    idx = quantize.select_calibration_indices(data.train_y, cfg.calib_images, seed=0)
-    return pre.to_input(data.train_x[idx])
+def run_split(data: CifarData, metrics: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The run's own (train, val) indices into ``data.train_x``: its ``--limit-train``, ``--val-fraction``
+    and ``--seed`` from ``metrics.json`` (training's defaults when it has none)."""
+    c = metrics.get("config", {})
+    split = {"val_fraction": c.get("val_fraction", 0.1), "seed": c.get("seed", 0), "limit_train": c.get("limit_train")}
+    tr, va = stratified_split(data.train_y[: split["limit_train"] or len(data.train_y)], split["val_fraction"],
+                              split["seed"])
+    return tr, va, split
+
+
+def _search_skipped(cfg: ExportConfig, mj: dict, n_val: int) -> str | None:
+    """Why the INT8 search does not run (None: it runs)."""
+    if cfg.keep_float not in (["auto"], ["search"]):
+        return "--keep-float names the float nodes"
+    if cfg.max_accuracy_drop is None:
+        return "no --max-accuracy-drop"
+    if n_val == 0:
+        return "the run has no validation split"
+    if cfg.keep_float == ["auto"]:
+        if str(mj.get("weights", "")).startswith("none"):
+            return "random-init weights (a speed-only run: its accuracy means nothing); --keep-float search forces it"
+        if n_val < int8_search.MIN_VAL_IMAGES:
+            return (f"{n_val} validation images are too few to measure a {cfg.max_accuracy_drop:g}-point drop; "
+                    "--keep-float search forces it")
+    return None
+
+
+def _int8(cfg: ExportConfig, out: Path, mj: dict, metrics: dict, data: CifarData, pre: Preprocessing,
+          manifest: dict, old_search: dict, up_to_date, record, evaluate, formats: list[tuple[str, str]]) -> None:
+    """The INT8 artifacts: float nodes from the search (on the run's validation split), the preset or
+    ``--keep-float``; calibration on the run's training split, computed once for both flavours."""
+    tr, va, split = run_split(data, metrics)
+    skipped = _search_skipped(cfg, mj, len(va))
+    if skipped and cfg.keep_float == ["search"]:
+        raise UserError(f"--keep-float search: {skipped}")
+    fp32_sha = manifest["artifacts"]["fp32"]["sha256"]
+    quarter = max(1, cfg.calib_images // 4)
+    calibrations = list(dict.fromkeys([(cfg.calib_method, cfg.calib_images)] + (
+        [("minmax", cfg.calib_images), ("minmax", quarter), ("percentile", quarter), ("entropy", quarter)]
+        if cfg.search_calibration else [])))
+    if skipped:
+        patterns = _keep_patterns(["preset"] if cfg.keep_float == ["auto"] else cfg.keep_float, mj["backbone"])
+        source = f"preset ({skipped})" if cfg.keep_float == ["auto"] else "--keep-float"
+        recipe = _key(fp32_sha, cfg.calib_images, cfg.calib_method, patterns, split, "train-split")
+        manifest["int8_search"] = {"skipped": skipped}
+    else:
+        recipe = _key(fp32_sha, cfg.max_accuracy_drop, cfg.min_agreement, calibrations, split, len(va),
+                      int8_search.VERSION)
+        reuse = old_search.get("key") == recipe
+        manifest["int8_search"] = old_search if reuse else {"key": recipe}
+    calib_x: np.ndarray | None = None
+    caches: dict[tuple[str, int], Path] = {}
+    with tempfile.TemporaryDirectory() as work:
+        for fmt, flavour in formats:
+            key = _key(recipe, flavour, quantize.TRT_OPTIONS if flavour == "trt" else {})
+            if (skipped or "float_nodes" in manifest["int8_search"]) and up_to_date(fmt, key):
+                continue
+            if calib_x is None:
+                idx = tr[quantize.select_calibration_indices(data.train_y[tr], cfg.calib_images, seed=0)]
+                calib_x = pre.to_input(data.train_x[idx])
+            s = manifest["int8_search"]
+            if not skipped and "float_nodes" not in s:
+                print(f"INT8 search: bound {cfg.max_accuracy_drop:g} pts, agreement ≥ {cfg.min_agreement:g} on the "
+                      f"run's {len(va)} validation images")
+                s.update(int8_search.search(out / "model.onnx", calib_x, pre.to_input(data.train_x[va]),
+                                            data.train_y[va], cfg.max_accuracy_drop, cfg.min_agreement, calibrations,
+                                            Path(work), cfg.threads))
+                c = s["calibration"]
+                caches[c["method"], c["images"]] = Path(s.pop("cache"))
+                s["split"] = split
+            if skipped:
+                method, images, per_channel = cfg.calib_method, len(calib_x), True
+                keep = quantize.resolve_keep_float(out / "model.onnx", patterns)
+                extra = {"keep_float_patterns": patterns, "keep_float_source": source}
+            else:
+                c = s["calibration"]
+                method, images, per_channel = c["method"], c["images"], c["per_channel"] or flavour == "trt"
+                keep = s["float_nodes"]
+                extra = {"keep_float_patterns": [re.escape(n) for n in keep], "keep_float_source": "search",
+                         "float_blocks": s["float_blocks"]}
+            if (method, images) not in caches:
+                caches.update({(method, n): p for n, p in quantize.calibrate(
+                    out / "model.onnx", calib_x, method, [images], Path(work)).items()})
+            print(f"quantizing {ARTIFACTS[fmt][0]} ({flavour} flavour, {method} calibration on {images} training "
+                  f"images, {len(keep)} nodes kept in float)")
+            path = out / ARTIFACTS[fmt][0]
+            quantize.quantize_int8(out / "model.onnx", path, calib_x, flavour, method, keep, "input",
+                                   caches[method, images], per_channel)
+            problems = tensorrt_problems(onnx.load(str(path))) if flavour == "trt" else []
+            if problems:
+                path.unlink()
+                raise ExportError(f"{path.name} would not build with TensorRT ({len(problems)} problems): "
+                                  + "; ".join(problems[:3]))
+            record(fmt, key, evaluate(fmt)[1],
+                   calibration={"method": method, "images": images, "flavour": flavour, "per_channel": per_channel,
+                                "split": "training split (validation images excluded)", **extra,
+                                "keep_float_nodes": len(keep)},
+                   qdq=quantize.qdq_summary(path))
 
 
 def _tensorrt(cfg: ExportConfig, out: Path, arts: dict, up_to_date, record, score) -> None:

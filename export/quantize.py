@@ -16,6 +16,8 @@ put a second ONNX Runtime into every environment that exports (docs/gpu.md).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
@@ -37,7 +39,8 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 TRT_OPTIONS = {"op_types": [*WEIGHTED_OPS, "Add"], "QuantizeBias": False, "residual_add_inputs": "skip-only"}
 
 # Nodes known to lose accuracy in INT8, matched against a node's name or one of its torch module
-# scopes (full match). EfficientNet: the stem, squeeze-excitation (fc1/fc2) and the classifier. Lite0
+# scopes (full match): the fallback where the search (export/int8_search.py) does not run, e.g. for
+# random-init speed runs. EfficientNet: the stem, squeeze-excitation (fc1/fc2) and the classifier. Lite0
 # (no SE), fine-tuned on the CIFAR-10 subset at 128 px, INT8 vs FP32 at batch 32 on a 2-core CPU:
 #   all INT8 -1.76 pts 2.46x | stem+head -1.57 pts 2.21x | stem+block0+head -0.59 pts 2.11x |
 #   stem+blocks0-1+head +0.00 pts 1.63x   → the preset keeps stem, block 0 and the classifier.
@@ -108,17 +111,65 @@ class _Reader:
         self.i = 0
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, flavour: str = "cpu",
-                  method: str = "minmax", keep_float: list[str] | None = None, input_name: str = "input") -> None:
-    """Static Q/DQ quantization of ``fp32_path`` into ``out_path`` (atomic), metadata preserved."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+@contextlib.contextmanager
+def _quiet_in(work: str):
+    """ORT's calibrator writes an augmented model into the working directory, nags about optional
+    pre-processing on the root logger and prints progress: run it in ``work``, quietly."""
+    cwd, root = os.getcwd(), logging.getLogger()
+    level = root.level
+    os.chdir(work)
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+            yield
+    finally:
+        os.chdir(cwd)
+        root.setLevel(level)
+
+
+def calibrate(fp32_path: Path, calib_x: np.ndarray, method: str, counts: list[int], folder: Path,
+              input_name: str = "input", batch: int = 32) -> dict[int, Path]:
+    """Tensor ranges of ``fp32_path`` with ONNX Runtime's calibrator, in ONE pass over ``calib_x``: the
+    ranges after the first ``n`` images, for each ``n`` in ``counts``, are saved as calibration caches
+    (``folder/<method>-<n>.json``) that :func:`quantize_int8` reuses without calibrating again."""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    method_enum = _method(method)
+    counts = sorted({min(int(n), len(calib_x)) for n in counts})
+    fp32_path, folder = Path(fp32_path).resolve(), Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    bounds = sorted({*range(0, counts[-1], batch), *counts})  # every count ends a chunk
+    out: dict[int, Path] = {}
+    with tempfile.TemporaryDirectory() as work, _quiet_in(work):
+        cal = create_calibrator(fp32_path, [], augmented_model_path=str(Path(work) / "augmented.onnx"),
+                                calibrate_method=method_enum)
+        for start, stop in zip(bounds, bounds[1:], strict=False):
+            cal.collect_data(_Reader(calib_x[start:stop], input_name, batch))  # ranges merge chunk by chunk
+            if stop in counts:
+                out[stop] = folder / f"{method}-{stop}.json"
+                save_tensors_data(cal.compute_data(), out[stop])
+    return out
+
+
+def _method(method: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    if method not in CALIBRATION_METHODS:
+        raise UserError(f"unknown calibration method {method!r}; valid: {', '.join(CALIBRATION_METHODS)}")
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray | None, flavour: str = "cpu",
+                  method: str = "minmax", keep_float: list[str] | None = None, input_name: str = "input",
+                  calibration: Path | None = None, per_channel: bool = True) -> None:
+    """Static Q/DQ quantization of ``fp32_path`` into ``out_path`` (atomic), metadata preserved. With
+    ``calibration`` (a cache from :func:`calibrate`), its ranges are used and ``calib_x`` is not needed."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     if flavour not in FLAVOURS:
         raise UserError(f"unknown INT8 flavour {flavour!r}; valid: {', '.join(FLAVOURS)}")
-    if method not in CALIBRATION_METHODS:
-        raise UserError(f"unknown calibration method {method!r}; valid: {', '.join(CALIBRATION_METHODS)}")
-    calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-             "percentile": CalibrationMethod.Percentile}[method]
+    calib = _method(method)
     trt = flavour == "trt"
     # Not CalibMaxIntermediateOutputs: onnxruntime 1.31 discards what it collected when that limit is
     # reached, so calibration would silently use only the last chunk of images.
@@ -126,23 +177,15 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, flavour:
     if trt:  # Q/DQ on layer inputs only; biases stay float
         extra.update(QuantizeBias=False, OpTypesToExcludeOutputQuantization=TRT_OPTIONS["op_types"])
     fp32_path, out_path = Path(fp32_path).resolve(), Path(out_path).resolve()  # before the chdir below
-    root_logger = logging.getLogger()
-    level = root_logger.level
-    root_logger.setLevel(logging.ERROR)  # ORT nags about optional pre-processing on the root logger
+    cache = str(Path(calibration).resolve()) if calibration is not None else None
     with atomic_path(out_path) as tmp, tempfile.TemporaryDirectory() as work:
-        # ORT's calibrator writes an augmented copy of the model next to the working directory
-        cwd = os.getcwd()
-        os.chdir(work)
-        try:
-            quantize_static(str(fp32_path), str(tmp), _Reader(calib_x, input_name),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
+        with _quiet_in(work):
+            quantize_static(str(fp32_path), str(tmp), None if cache else _Reader(calib_x, input_name),
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=keep_float or [],
                             op_types_to_quantize=TRT_OPTIONS["op_types"] if trt else None,
-                            calibrate_method=calib, extra_options=extra)
-        finally:
-            os.chdir(cwd)
-            root_logger.setLevel(level)
+                            calibrate_method=calib, extra_options=extra, calibration_cache_path=cache)
         src = onnx.load(str(fp32_path), load_external_data=False)
         q = onnx.load(str(tmp))
         if trt:

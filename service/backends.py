@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,8 @@ import numpy as np
 from service.preprocessing import Preprocessing
 from service.runtime import ArtifactError, load_ort_model, verify_sha256
 from utils import ModelRef, cpu_name, gpu_name
+
+CPU_PROVIDERS = ("CPUExecutionProvider", "OpenVINO CPU")
 
 
 @dataclass
@@ -23,6 +25,7 @@ class LoadedModel:
     precision: str
     info: dict  # manifest entry of the artifact (accuracy, sha256, size …)
     instances: int = 1  # independent copies serving calls in parallel
+    runtime: dict = field(default_factory=dict)  # how the backend runs it (version, threads, precision …)
 
     def describe(self) -> dict:
         p = self.preprocessing
@@ -30,8 +33,8 @@ class LoadedModel:
                 "precision": self.precision, "image_size": p.image_size, "input_size": p.input_size,
                 "classes": list(p.classes), "accuracy": self.info.get("accuracy"),
                 "sha256": self.info.get("sha256"), "size_bytes": self.info.get("size_bytes"),
-                "instances": self.instances,
-                "device": cpu_name() if self.provider == "CPUExecutionProvider" else (gpu_name() or "GPU")}
+                "instances": self.instances, "runtime": self.runtime,
+                "device": cpu_name() if self.provider in CPU_PROVIDERS else (gpu_name() or "GPU")}
 
 
 class InstancePool:
@@ -75,14 +78,25 @@ def model_info(stored) -> tuple[dict, Preprocessing, Path]:
     return meta, pre, Path(stored.path_of(name))
 
 
+def _require(ref: ModelRef, tag, meta: dict, unavailable: str | None, fmt: str, serves: str) -> None:
+    """Refuse a backend that cannot run here, or an artifact of a format it does not serve."""
+    if unavailable:
+        raise ArtifactError(f"model {ref.name}: backend {ref.backend} unavailable: {unavailable}")
+    if meta.get("format") != fmt:
+        raise ArtifactError(f"model {ref.name}: {tag} is a {meta.get('format')} artifact; the {ref.backend} "
+                            f"backend serves {serves}")
+
+
 def load_model(ref: ModelRef, stored, intra_op_threads: int = 0, warmup_batch: int = 8,
-               ort_spinning: bool = True, instances: int = 1) -> LoadedModel:
-    """``instances`` independent copies (sessions, engine contexts) serve calls from as many threads at
-    once; with ``intra_op_threads`` each, they share the cores (e.g. 2 × 1 thread on 2 cores)."""
+               ort_spinning: bool = True, instances: int = 1, openvino_precision: str = "f32") -> LoadedModel:
+    """``instances`` independent copies (sessions, engine contexts, OpenVINO streams) serve calls from as
+    many threads at once; with ``intra_op_threads`` each, they share the cores (e.g. 2 × 1 thread on 2
+    cores). ``openvino_precision``: the float precision of the openvino backend (f32 or bf16)."""
     if instances < 1:
         raise ArtifactError(f"model {ref.name}: instances must be at least 1, got {instances}")
     meta, pre, path = model_info(stored)
     verify_sha256(path, meta["sha256"])
+    precision, runtime = str(meta.get("precision", "?")), {}
     if ref.backend.startswith("onnxruntime"):
         cuda = ref.backend == "onnxruntime-cuda"
         if cuda:
@@ -92,15 +106,25 @@ def load_model(ref: ModelRef, stored, intra_op_threads: int = 0, warmup_batch: i
             m = load_ort_model(path, ["cuda"] if cuda else ["cpu"], threads=intra_op_threads or None,
                                require=cuda, spinning=ort_spinning)
             return m, m.provider
+
+        import onnxruntime
+
+        runtime = {"onnxruntime": onnxruntime.__version__, "intra_op_threads": intra_op_threads,  # 0: all cores
+                   "spinning": ort_spinning}
+    elif ref.backend == "openvino":
+        from service.openvino_backend import PROVIDER, OpenVinoModel, served_precision, unavailable_reason
+
+        _require(ref, stored.tag, meta, unavailable_reason(), "onnx", "the ONNX files (<run>-fp32, <run>-int8)")
+        compiled = OpenVinoModel(path, threads=intra_op_threads, streams=instances, precision=openvino_precision)
+        precision, runtime = served_precision(precision, compiled.precision), compiled.describe()
+
+        def make() -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+            return compiled.request(), PROVIDER  # one infer request per instance, one stream each
     elif ref.backend == "tensorrt":
         from service.tensorrt_engine import TrtRunner, unavailable_reason
 
-        reason = unavailable_reason()
-        if reason:
-            raise ArtifactError(f"model {ref.name}: backend tensorrt unavailable: {reason}")
-        if meta.get("format") != "tensorrt":
-            raise ArtifactError(f"model {ref.name}: {stored.tag} is a {meta.get('format')} artifact; the tensorrt "
-                                "backend serves TensorRT engines (<run>-trt_fp16, <run>-trt_int8)")
+        _require(ref, stored.tag, meta, unavailable_reason(), "tensorrt",
+                 "TensorRT engines (<run>-trt_fp16, <run>-trt_int8)")
 
         def make() -> tuple[Callable[[np.ndarray], np.ndarray], str]:
             return TrtRunner(path, meta), "TensorRT"  # refuses an engine of another TensorRT or GPU
@@ -113,5 +137,5 @@ def load_model(ref: ModelRef, stored, intra_op_threads: int = 0, warmup_batch: i
             m(np.zeros((n, *pre.input_shape), dtype=np.float32))
         members.append(m)
     predict = members[0] if instances == 1 else InstancePool(members)
-    return LoadedModel(ref, pre, predict, provider, str(meta.get("precision", "?")), meta, instances)
+    return LoadedModel(ref, pre, predict, provider, precision, meta, instances, runtime)
 

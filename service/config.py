@@ -14,9 +14,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.openvino_backend import PRECISIONS as OPENVINO_PRECISIONS
 from utils import ModelRef, UserError, yaml_defaults
 
-BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "onnxruntime-cuda", "tensorrt")
 GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt")
 DEFAULT_FILE = Path(__file__).with_name("config.yaml")
 ENV_PREFIX = "CIFAR_DEPLOY_"
@@ -36,12 +37,16 @@ class ServiceConfig:
     max_batch_size: int = field(default=32, metadata={"help": "most images per inference call"})
     max_latency_ms: int = field(default=1000, metadata={
         "help": "requests that waited longer in the batching queue are shed (503)"})
-    intra_op_threads: int = field(default=0, metadata={"help": "ONNX Runtime threads per session; 0: all cores"})
+    intra_op_threads: int = field(default=0, metadata={
+        "help": "threads per ONNX Runtime session or OpenVINO stream; 0: all cores"})
     model_instances: int = field(default=1, metadata={
-        "help": "sessions per model, each running one batch at a time (small CPU models: one per core with "
-                "intra_op_threads 1 is fastest; benchmarks/service.md)"})
+        "help": "sessions (OpenVINO: streams) per model, each running one batch at a time (small CPU models: one "
+                "per core with intra_op_threads 1 is fastest; benchmarks/service.md)"})
     ort_spinning: bool = field(default=False, metadata={
         "help": "ONNX Runtime threads busy-wait between calls (off leaves the cores to HTTP and decoding)"})
+    openvino_precision: str = field(default="f32", metadata={
+        "help": "float precision of openvino models: f32 (matches ONNX Runtime) or bf16 (faster on CPUs with AMX "
+                "or AVX-512 BF16, less exact; an INT8 model's float layers too)"})
     max_upload_mb: float = field(default=10.0, metadata={"help": "largest request body (413 above)"})
     max_megapixels: float = field(default=40.0, metadata={"help": "largest image, checked from its header (413)"})
     max_batch_images: int = field(default=64, metadata={"help": "most images in one /classify_batch request (413)"})
@@ -116,6 +121,8 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
                  "default_top_k", "timeout_s", "max_upload_mb", "max_megapixels"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be positive, got {getattr(cfg, name)}")
+    if cfg.openvino_precision not in OPENVINO_PRECISIONS:
+        raise ConfigError(f"openvino_precision: {cfg.openvino_precision!r}; valid: {', '.join(OPENVINO_PRECISIONS)}")
     if cfg.intra_op_threads < 0:
         raise ConfigError(f"intra_op_threads: must be 0 (all cores) or more, got {cfg.intra_op_threads}")
     return cfg

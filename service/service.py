@@ -48,9 +48,9 @@ from service.runtime import ArtifactError
 
 CONFIG = load_config()
 logger = logging.getLogger("bentoml.serve")
-DESCRIPTION = ("CIFAR image classifiers exported by cifar-deploy (ONNX Runtime or TensorRT). POST an image file "
-               "to /classify, or several to /classify_batch, with an optional model name (GET /models lists "
-               "them) and top_k; the answer holds the top-k labels with their probabilities.")
+DESCRIPTION = ("CIFAR image classifiers exported by cifar-deploy (ONNX Runtime, OpenVINO or TensorRT). POST an "
+               "image file to /classify, or several to /classify_batch, with an optional model name (GET /models "
+               "lists them) and top_k; the answer holds the top-k labels with their probabilities.")
 # The answer's media type, declared: else BentoML derives it from the JSON schema on every response (~0.1 ms).
 JSONObject = Annotated[dict, ContentType("application/json")]
 INLINE_DECODE_PIXELS = 256 * 256  # a lone image this small decodes on the event loop: cheaper than a thread hop
@@ -159,7 +159,8 @@ class CifarClassifier:
         try:
             self.models = {ref.name: load_model(ref, getattr(self, f"model_{i}"), CONFIG.intra_op_threads,
                                                 warmup_batch=min(8, CONFIG.max_batch_size),
-                                                ort_spinning=CONFIG.ort_spinning, instances=CONFIG.model_instances)
+                                                ort_spinning=CONFIG.ort_spinning, instances=CONFIG.model_instances,
+                                                openvino_precision=CONFIG.openvino_precision)
                            for i, ref in enumerate(CONFIG.models)}  # every model loaded and warmed up before serving
         except (ArtifactError, PreprocessingError) as e:  # a missing, tampered or unusable artifact: never ready
             logger.error("cannot serve: %s", e)

@@ -2,10 +2,12 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from training.data import (
     EpochBatches,
     ImageArrayDataset,
+    ServingPath,
     load_cifar,
     load_dataset,
     parse_augment,
@@ -108,6 +110,35 @@ def test_augmentation_parsing_and_shapes(synthetic_dir):
     plain = ImageArrayDataset(data.train_x[:1], data.train_y[:1], (0.5,) * 3, (0.25,) * 3)
     expected = (data.train_x[0].transpose(2, 0, 1) / 255.0 - 0.5) / 0.25
     np.testing.assert_allclose(plain[0][0].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_serving_path_augmentation_goes_through_the_service_resize(monkeypatch):
+    import service.preprocessing as sp
+
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8))
+    sizes, fit = [], sp.fit_image
+
+    def spy(im, size):
+        sizes.append((im.size, size))
+        return fit(im, size)
+
+    monkeypatch.setattr(sp, "fit_image", spy)
+    torch.manual_seed(0)
+    out = ServingPath(resample=True, jpeg=False, p=1.0)(img)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    assert len(sizes) == 1 and sizes[0][1] == 32 and 48 <= sizes[0][0][0] <= 512  # an upload-sized picture
+    torch.manual_seed(0)
+    assert torch.equal(ServingPath(resample=True, jpeg=False, p=1.0)(img), out)  # seeded: reproducible
+    jpeg = ServingPath(resample=False, jpeg=True, p=1.0)(img)
+    assert len(sizes) == 2  # JPEG alone never resizes
+    assert not torch.equal(jpeg, img) and (jpeg.float() - img.float()).abs().mean() < 60
+    assert torch.equal(ServingPath(resample=True, jpeg=True, p=0.0)(img), img)
+    assert parse_augment("crop,flip,color,resample,jpeg")[-2:] == ("resample", "jpeg")
+    # the run's --serving-aug-p reaches the transform: at 0 a dataset with both serves its images untouched
+    x = img.permute(1, 2, 0).numpy()[None]
+    ds = ImageArrayDataset(x, np.zeros(1, dtype=np.int64), (0, 0, 0), (1, 1, 1), ("resample", "jpeg"), serving_p=0.0)
+    assert ds.transform.transforms[-1].p == 0.0
+    torch.testing.assert_close(ds[0][0], ImageArrayDataset(x, np.zeros(1, dtype=np.int64), (0, 0, 0), (1, 1, 1))[0][0])
 
 
 @pytest.mark.parametrize("n,batch_size,sizes", [(9, 4, [4, 4]), (10, 4, [4, 4, 2]), (1, 4, [1]), (3, 1, [1, 1]),

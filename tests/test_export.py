@@ -189,7 +189,8 @@ def test_benchmark_writes_rows_table_and_plot(exported, tmp_path):
             "p99_ms", "throughput_ips", "provider", "device"}
     assert rows and all(keys <= set(r) for r in rows)
     engines = {f for f in ("trt_fp16", "trt_int8") if "sha256" in manifest["artifacts"][f]}  # where TensorRT runs
-    assert {r["format"] for r in rows} == {"pytorch", "fp32", "fp16", "int8", "int8_trt"} | engines
+    assert {r["format"] for r in rows} == ({"pytorch", "fp32", "fp16", "int8", "int8_trt"} | engines
+                                          | set(benchmark.openvino_formats()))
     assert {r["batch"] for r in rows} == {1, 4}
     assert all(r["throughput_ips"] > 0 and r["p99_ms"] >= r["p95_ms"] >= r["p50_ms"] > 0 for r in rows)
     assert all(r["accuracy"] is not None and not r["pretrained"] for r in rows)  # recorded, shown as speed only

@@ -85,6 +85,11 @@ def test_fit_image_centre_crops_and_resizes():
     a[:, 20:60] = 255  # the centre square is white
     out = fit_image(Image.fromarray(a), 32)
     assert out.shape == (32, 32, 3) and out.min() == 255
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    expected = photo.crop((50, 0, 350, 300)).resize((32, 32), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    np.testing.assert_array_equal(fit_image(photo, 32), np.asarray(expected))  # the documented recipe, exactly
+    square = Image.fromarray(np.ascontiguousarray(np.asarray(photo)[:32, :32]))
+    assert fit_image(square, 32).tobytes() == square.tobytes()  # the right size already: untouched
 
 
 def test_preprocessing_round_trip_and_validation():

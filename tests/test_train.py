@@ -54,8 +54,9 @@ def test_rerun_without_resume_refuses_to_overwrite(finished_run, tmp_path):
         train(cfg)
 
 
-def test_resume_after_interruption_matches_uninterrupted(tmp_path, synthetic_dir, monkeypatch):
-    cfg = cfg_for(tmp_path, synthetic_dir, epochs=3, name="straight")
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, synthetic_dir, monkeypatch, ema_decay):
+    cfg = cfg_for(tmp_path, synthetic_dir, epochs=3, name="straight", ema_decay=ema_decay)
     straight = train(cfg)
 
     original, calls = engine.train_one_epoch, []
@@ -78,6 +79,41 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, synthetic_dir
     assert train(replace(cfg, name="resumed", resume=True)) == resumed  # finished: a no-op
     with pytest.raises(UserError, match="strategy='frozen', not 'full'"):
         train(replace(cfg, name="resumed", resume=True, strategy="full"))
+
+
+def test_ema_averages_with_warmup_and_ships_the_average(tmp_path, synthetic_dir):
+    net = torch.nn.Linear(2, 1)
+    ema = engine.EMA(net, decay=0.5)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.update(net)  # first update: decay min(0.5, 2/11)
+    d = 2 / 11
+    torch.testing.assert_close(ema.module.weight, d * start + (1 - d) * torch.ones_like(start))
+    assert not ema.module.weight.requires_grad
+
+    kw = dict(model="scratch_cnn", weights="none", input_size=None, strategy="full", epochs=2, lr=1e-3)
+    m = train(cfg_for(tmp_path, synthetic_dir, name="ema", ema_decay=0.9, **kw))
+    last = torch.load(tmp_path / "runs" / "ema" / "last.pt", weights_only=False)
+    best = torch.load(tmp_path / "runs" / "ema" / "best.pt", weights_only=False)
+    assert last["ema"]["updates"] == 2 * -(-m["num_train"] // 32)  # one update per step
+    shipped = last["ema"]["module"] if best["epoch"] == 2 else None
+    if shipped is not None:  # the best epoch is the last: best.pt holds the average, not the raw weights
+        for k, v in best["model"].items():
+            torch.testing.assert_close(v, shipped[k])
+    assert any(not torch.equal(best["model"][k], last["model"][k]) for k in best["model"]
+               if best["model"][k].dtype.is_floating_point)
+
+
+def test_cpu_amp_trains_in_bf16_and_scores_in_float32(tmp_path, synthetic_dir, monkeypatch):
+    seen = {"train": [], "eval": []}
+    real_step, real_eval = engine.train_one_epoch, engine.evaluate
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: seen["train"].append(k["amp"]) or real_step(*a, **k))
+    monkeypatch.setattr(engine, "evaluate", lambda m, d, dev, amp, **k: seen["eval"].append(amp) or
+                        real_eval(m, d, dev, amp, **k))
+    train(cfg_for(tmp_path, synthetic_dir, name="bf16", model="scratch_cnn", weights="none", input_size=None,
+                  strategy="full", epochs=1, cpu_amp=True, device="cpu"))
+    assert seen["train"] == [True] and seen["eval"] == [False, False]  # validation, then test
 
 
 def test_cached_features_match_uncached_training(tmp_path, synthetic_dir):

@@ -319,7 +319,9 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
 
 
-AUGMENTATIONS = ("crop", "flip", "rotate", "zoom")
+AUGMENTATIONS = ("crop", "flip", "rotate", "zoom", "color", "resample", "jpeg")
+JPEG_QUALITY = (50, 95)  # ``jpeg``: the quality range of the re-encoding (phones and browsers: 70–95)
+RESAMPLE_SIZES = (48, 512)  # ``resample``: the range of the upload sizes it imitates (log-uniform)
 
 
 def parse_augment(spec: str) -> tuple[str, ...]:
@@ -344,12 +346,13 @@ def normalize(x_uint8_nhwc: torch.Tensor, mean: tuple[float, ...], std: tuple[fl
 class ImageArrayDataset(Dataset):
     """uint8 NHWC images → normalised float CHW tensors, with optional augmentation."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, mean, std, augment: tuple[str, ...] = ()):
+    def __init__(self, x: np.ndarray, y: np.ndarray, mean, std, augment: tuple[str, ...] = (),
+                 serving_p: float = 0.5):
         self.x = torch.from_numpy(np.ascontiguousarray(x))
         self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
         self.mean, self.std = tuple(mean), tuple(std)
         self.augment = augment
-        self.transform = _build_augment(augment)
+        self.transform = _build_augment(augment, serving_p)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -361,7 +364,7 @@ class ImageArrayDataset(Dataset):
         return normalize(img.permute(1, 2, 0).unsqueeze(0), self.mean, self.std)[0], self.y[i]
 
 
-def _build_augment(augment: tuple[str, ...]):
+def _build_augment(augment: tuple[str, ...], serving_p: float = 0.5):
     if not augment:
         return None
     from torchvision.transforms import v2
@@ -374,7 +377,61 @@ def _build_augment(augment: tuple[str, ...]):
         ops.append(v2.RandomCrop(32, padding=4, padding_mode="reflect"))
     if "flip" in augment:
         ops.append(v2.RandomHorizontalFlip())
+    if "color" in augment:
+        ops += [v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2), v2.RandomGrayscale(p=0.05)]
+    if "resample" in augment or "jpeg" in augment:  # last: what happens to the picture on its way to the service
+        ops.append(ServingPath("resample" in augment, "jpeg" in augment, serving_p))
     return v2.Compose(ops)
+
+
+class ServingPath:
+    """Imitates an upload's trip to the service on a CHW uint8 image: each with probability ``p``,
+
+    - ``resample``: the picture exists at another size (``RESAMPLE_SIZES``, log-uniform; a random Pillow
+      filter), is maybe JPEG-compressed there, and comes back through the service's own
+      :func:`service.preprocessing.fit_image`;
+    - ``jpeg``: the 32 px picture is JPEG-compressed at a random quality (``JPEG_QUALITY``; Pillow's
+      default 4:2:0 chroma subsampling, as phones and browsers write).
+
+    Random draws come from torch's generator, so a seeded run is reproducible."""
+
+    FILTERS = ("NEAREST", "BILINEAR", "BICUBIC", "LANCZOS")
+
+    def __init__(self, resample: bool, jpeg: bool, p: float = 0.5):
+        self.resample, self.jpeg, self.p = resample, jpeg, p
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        from service.preprocessing import fit_image
+
+        size = img.shape[-1]
+        im = Image.fromarray(img.permute(1, 2, 0).numpy())
+        if self.resample and _draw() < self.p:
+            lo, hi = np.log(RESAMPLE_SIZES[0]), np.log(RESAMPLE_SIZES[1])
+            side = int(round(np.exp(lo + (hi - lo) * _draw())))
+            im = im.resize((side, side), getattr(Image.Resampling, self.FILTERS[int(_draw() * 4)]))
+            if _draw() < 0.5:
+                im = _jpeg(im)
+            im = Image.fromarray(fit_image(im, size))
+        if self.jpeg and _draw() < self.p:
+            im = _jpeg(im)
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _draw() -> float:
+    return float(torch.rand(()))
+
+
+def _jpeg(im):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    lo, hi = JPEG_QUALITY
+    im.save(buf, "JPEG", quality=lo + int(_draw() * (hi - lo + 1)))
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
 # --------------------------------------------------------------------------- loaders

@@ -7,6 +7,8 @@ figures over the ranks, and evaluation splits the dataset between them and gathe
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,8 +37,35 @@ def pick_device(name: str) -> torch.device:
 
 
 def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when ``amp``; a no-op elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    """bf16 autocast on CUDA or the CPU when ``amp``; a no-op otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type in ("cuda", "cpu"))
+
+
+class EMA:
+    """An exponential moving average of a module's weights: ``module`` is the averaged copy. Floating-point
+    tensors (BatchNorm statistics included) are averaged, others copied. The decay warms up as
+    min(decay, (1 + n) / (10 + n)) over the first updates, so the starting weights soon stop counting."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, now in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            if avg.dtype.is_floating_point:
+                avg.lerp_(now.detach(), 1.0 - d)
+            else:
+                avg.copy_(now)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]
 
 
 def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -52,10 +81,12 @@ def _progress(iterable, desc: str | None):
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, device: torch.device, *,
-                    label_smoothing: float = 0.0, amp: bool = False, desc: str | None = None) -> tuple[float, float]:
-    """One pass over ``loader`` (``train_mode``: frozen BatchNorm keeps its statistics); returns the mean
-    training loss and accuracy, over every rank's images."""
-    train_mode(model.module if isinstance(model, DistributedDataParallel) else model)
+                    label_smoothing: float = 0.0, amp: bool = False, ema: EMA | None = None,
+                    desc: str | None = None) -> tuple[float, float]:
+    """One pass over ``loader`` (``train_mode``: frozen BatchNorm keeps its statistics), updating ``ema``
+    after each step; returns the mean training loss and accuracy, over every rank's images."""
+    plain = model.module if isinstance(model, DistributedDataParallel) else model
+    train_mode(plain)
     total, correct, loss_sum = 0, 0, 0.0
     bar = _progress(loader, desc)
     for x, y in bar:
@@ -66,6 +97,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.update(plain)
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         total += len(y)

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from training.train import TrainConfig
 
 # settings a resumed run must share with the run it continues
-RESUME_KEYS = ("model", "dataset", "strategy", "head", "weights", "input_size", "seed", "val_fraction")
+RESUME_KEYS = ("model", "dataset", "strategy", "head", "weights", "input_size", "seed", "val_fraction", "augment",
+               "serving_aug_p")
 
 
 def load_checkpoint(path: Path) -> dict:

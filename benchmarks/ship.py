@@ -1,0 +1,163 @@
+"""The Lite0 that ships, and what the serving-path augmentation does to it: ``python -m benchmarks.ship``.
+
+1. Trains ``configs/lite0-ship.yaml``'s recipe and, beside it, the same recipe with the serving-path
+   augmentation toggled (``resample,jpeg`` dropped when the recipe has them, added at ``--serving-aug-p``
+   when it does not): the comparison that says what they cost or buy. Finished runs are reused (``resume``).
+2. Exports both with the recipe's export section (FP32, FP16, INT8 with its accuracy-bounded search).
+3. Measures them, and the frozen ``make demo`` model when it is exported, through the service's own
+   preprocessing on real-world files (``benchmarks.robustness``), on the validation split (where choices are
+   made) and the test split (which only reports).
+
+→ ``benchmarks/ship.{json,md,png}`` and ``benchmarks/robustness.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from benchmarks import robustness
+from export.exporter import ExportConfig, run_export
+from training.train import TrainConfig, train
+from utils import atomic_write, atomic_write_json, cli, cpu_name, from_mapping, pyplot, save_figure, yaml_defaults
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SERVING_AUGMENT = ("resample", "jpeg")
+
+
+@dataclass
+class ShipBenchConfig:
+    recipe: str = field(default=str(ROOT / "configs" / "lite0-ship.yaml"), metadata={"help": "the shipped recipe"})
+    data_dir: str = str(ROOT.parent / "shared" / "data")
+    comparison: bool = field(default=True, metadata={
+        "help": "also train the recipe with the serving-path augmentation toggled"})
+    serving_aug_p: float = field(default=0.2, metadata={
+        "help": "the comparison's --serving-aug-p when it adds resample,jpeg"})
+    extra_artifacts: list[str] = field(default_factory=lambda: ["artifacts/demo-efficientnet_lite0"], metadata={
+        "help": "other export folders to measure in the robustness benchmark when they exist (the frozen demo)"})
+    robustness_out: str = str(HERE / "robustness")
+    out: str = str(HERE / "ship")
+
+
+def comparison_config(cfg: TrainConfig, serving_p: float) -> TrainConfig:
+    """The recipe with the serving-path augmentation toggled, in its own run folder: without it
+    (``<run>-noserving``) when the recipe has it, with it at ``serving_p`` (``<run>-serving``) otherwise."""
+    augment = cfg.resolved_augment()
+    if set(SERVING_AUGMENT) & set(augment):
+        kept = [a for a in augment if a not in SERVING_AUGMENT]
+        return replace(cfg, augment=",".join(kept) or "none", name=f"{cfg.run_name}-noserving")
+    return replace(cfg, augment=",".join((*augment, *SERVING_AUGMENT)), serving_aug_p=serving_p,
+                   name=f"{cfg.run_name}-serving")
+
+
+def row(metrics: dict, manifest: dict) -> dict:
+    cfg, arts = metrics["config"], manifest["artifacts"]
+    best = next(h for h in metrics["history"] if h["epoch"] == metrics["best_epoch"])
+    int8 = arts.get("int8", {})
+    return {
+        "run": metrics["run"], "model": metrics["model"], "weights": metrics["weights"],
+        "strategy": metrics["strategy"], "input_size": metrics["input_size"], "augment": metrics["augment"],
+        "epochs": len(metrics["history"]), "best_epoch": metrics["best_epoch"], "val_accuracy": best["val_acc"],
+        "val_loss": best["val_loss"], "test_accuracy": metrics["test_accuracy"], "macro_f1": metrics["test_macro_f1"],
+        "train_seconds": metrics["train_seconds"], "ema_decay": cfg.get("ema_decay"), "cpu_amp": cfg.get("cpu_amp"),
+        "serving_aug_p": cfg.get("serving_aug_p", 0.5) if set(SERVING_AUGMENT) & set(metrics["augment"]) else None,
+        "batch_size": cfg["batch_size"], "lr": cfg["lr"], "label_smoothing": cfg["label_smoothing"],
+        "num_train": metrics["num_train"], "num_val": metrics["num_val"], "num_test": metrics["num_test"],
+        "device": metrics["device"], "cpu": cpu_name(), "history": metrics["history"],
+        "onnx_fp32_accuracy": arts.get("fp32", {}).get("accuracy"),
+        "int8_accuracy": int8.get("accuracy"), "int8_delta": int8.get("accuracy_delta"),
+        "int8_search": int8.get("search"),
+    }
+
+
+def augment_label(r: dict) -> str:
+    """The run's augmentation, with the probability of the serving-path ones."""
+    p = r.get("serving_aug_p")
+    return ",".join(r["augment"]) + ("" if p is None else f" (p {p:g})")
+
+
+def to_markdown(rows: list[dict], robustness_rows: list[dict]) -> str:
+    first = rows[0]
+    out = ["# The shipped Lite0 (`configs/lite0-ship.yaml`, `make ship`)", "",
+           f"Produced by `python -m benchmarks.ship` on {first['device']}. Data: the real CIFAR-10 "
+           f"subset, {first['num_train']} training, {first['num_val']} validation and {first['num_test']} test "
+           "images (the dev test batch: other real CIFAR-10 images may score lower). The epoch that ships is the "
+           "one with the best validation loss; the test set only reports. The ONNX columns are the exported ONNX "
+           "Runtime FP32 and INT8 models on the test images, Δ against the float32 PyTorch model. The run's own "
+           "validation and test figures are those `metrics.json` records: runs trained before evaluation moved "
+           "to float32 scored them under bf16 autocast (`cpu_amp`), so compare runs on the float32 figures: the "
+           "ONNX columns and the table through the service below.", "",
+           "| run | augment | px | epochs | selected epoch | val acc | test acc (run) | FP32 ONNX test acc | "
+           "INT8 test acc (Δ pts) | train s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        int8 = "–" if r["int8_accuracy"] is None else \
+            f"{100 * r['int8_accuracy']:.2f} ({100 * r['int8_delta']:+.2f})"
+        fp32 = "–" if r["onnx_fp32_accuracy"] is None else f"{100 * r['onnx_fp32_accuracy']:.2f}"
+        out.append(f"| {r['run']} | {augment_label(r)} | {r['input_size']} | {r['epochs']} | {r['best_epoch']} | "
+                   f"{100 * r['val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | {fp32} | {int8} | "
+                   f"{r['train_seconds']:.0f} |")
+    by = {(r["run"], r["format"], r["split"], r["variant"]): r for r in robustness_rows}
+    names = [r["run"] for r in rows]
+    lines = []
+    for split in ("val", "test"):
+        for v in ("png32", *robustness.TARGETS, "gray_png32"):
+            cells = [by.get((n, "fp32", split, v)) for n in names]
+            if all(c is not None for c in cells):
+                lines.append(f"| {split} | {robustness.VARIANTS[v].label} | " +
+                             " | ".join(f"{100 * c['accuracy']:.2f}" for c in cells) + " |")
+    if lines:
+        out += ["", "Through the service's preprocessing (FP32; all variants and INT8: robustness.md):",
+                "", "| split | upload | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names), *lines]
+    out += ["", "![validation accuracy per epoch](ship.png)", ""]
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    for r in rows:
+        epochs = [h["epoch"] for h in r["history"]]
+        line, = ax.plot(epochs, [100 * h["val_acc"] for h in r["history"]], marker="o", label=r["run"])
+        ax.plot([r["best_epoch"]], [100 * r["val_accuracy"]], marker="*", markersize=14, color=line.get_color())
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy (★ the epoch that ships)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def run(cfg: ShipBenchConfig) -> list[dict]:
+    recipe = from_mapping(TrainConfig, {**yaml_defaults(cfg.recipe, TrainConfig, "train"), "data_dir": cfg.data_dir,
+                                        "download": False}, cfg.recipe)
+    export = yaml_defaults(cfg.recipe, ExportConfig, "export")
+    runs = [recipe] + ([comparison_config(recipe, cfg.serving_aug_p)] if cfg.comparison else [])
+    rows, artifacts = [], []
+    for t in runs:
+        metrics = train(t)
+        out = Path(export["out"]).parent / t.run_name
+        run_export(from_mapping(ExportConfig, {**export, "run_dir": str(Path(t.runs_dir) / t.run_name),
+                                               "out": str(out), "data_dir": cfg.data_dir}, cfg.recipe))
+        rows.append(row(metrics, json.loads((out / "manifest.json").read_text())))
+        artifacts.append(str(out))
+    artifacts += [a for a in cfg.extra_artifacts if (Path(a) / "manifest.json").is_file()]
+    rob = []
+    for split in ("val", "test"):
+        rob = robustness.run(robustness.RobustnessConfig(artifacts=artifacts, split=split, data_dir=cfg.data_dir,
+                                                         out=cfg.robustness_out))
+    out = Path(cfg.out)
+    atomic_write_json(rows, out.with_suffix(".json"))
+    atomic_write(out.with_suffix(".md"), to_markdown(rows, rob))
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out}.json, {out}.md, {out}.png")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(ShipBenchConfig, run, argv, "python -m benchmarks.ship", __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

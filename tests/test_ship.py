@@ -1,0 +1,26 @@
+from benchmarks.ship import comparison_config, row
+from training.train import TrainConfig
+
+
+def test_comparison_toggles_only_the_serving_path_augmentation():
+    recipe = TrainConfig(augment="crop,flip,color,resample,jpeg", name="ship", ema_decay=0.995)
+    without = comparison_config(recipe, 0.2)
+    assert without.resolved_augment() == ("crop", "flip", "color")
+    assert without.run_name == "ship-noserving" and without.ema_decay == recipe.ema_decay
+    assert comparison_config(TrainConfig(augment="jpeg", name="x"), 0.2).resolved_augment() == ()
+    added = comparison_config(without, 0.2)
+    assert added.resolved_augment() == recipe.resolved_augment() and added.serving_aug_p == 0.2
+    assert added.run_name == "ship-noserving-serving" and added.lr == recipe.lr
+
+
+def test_row_reports_the_epoch_selected_on_validation_loss():
+    history = [{"epoch": 1, "val_loss": 0.5, "val_acc": 0.80}, {"epoch": 2, "val_loss": 0.4, "val_acc": 0.85},
+               {"epoch": 3, "val_loss": 0.45, "val_acc": 0.86}]  # the best accuracy is not the best loss
+    metrics = {"run": "r", "model": "m", "weights": "w", "strategy": "full", "input_size": 224, "augment": [],
+               "history": history, "best_epoch": 2, "test_accuracy": 0.9, "test_macro_f1": 0.9,
+               "train_seconds": 10.0, "num_train": 1, "num_val": 1, "num_test": 1, "device": "cpu",
+               "config": {"batch_size": 64, "lr": 1e-3, "label_smoothing": 0.1}}
+    manifest = {"artifacts": {"int8": {"accuracy": 0.89, "accuracy_delta": -0.01}}}
+    r = row(metrics, manifest)
+    assert (r["best_epoch"], r["val_accuracy"], r["val_loss"]) == (2, 0.85, 0.4)
+    assert r["epochs"] == 3 and r["int8_delta"] == -0.01
