@@ -1,5 +1,15 @@
+from pathlib import Path
+
+import pytest
+
 from benchmarks.ship import comparison_config, row
+from export.exporter import ExportConfig
+from loadtest.run import LoadTestConfig
+from service.config import load_config
 from training.train import TrainConfig
+from utils import from_mapping, yaml_defaults
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_comparison_toggles_only_the_serving_path_augmentation():
@@ -24,3 +34,13 @@ def test_row_reports_the_epoch_selected_on_validation_loss():
     r = row(metrics, manifest)
     assert (r["best_epoch"], r["val_accuracy"], r["val_loss"]) == (2, 0.85, 0.4)
     assert r["epochs"] == 3 and r["int8_delta"] == -0.01
+
+
+@pytest.mark.parametrize("name", ["demo", "demo-small", "lite0-ship"])
+def test_every_stage_section_of_a_make_config_is_valid(name):
+    """`make demo DEMO=…` / `make ship` read one section per stage: each must load as its stage does."""
+    path = ROOT / "configs" / f"{name}.yaml"
+    for cls, section in ((TrainConfig, "train"), (ExportConfig, "export"), (LoadTestConfig, "loadtest")):
+        from_mapping(cls, yaml_defaults(path, cls, section), str(path))  # unknown keys and bad values refused
+    service = load_config({"CIFAR_DEPLOY_CONFIG": str(path)})
+    assert service.models and all(m.tag for m in service.models)
