@@ -91,7 +91,7 @@ def make_variant(img: np.ndarray, variant: str | Variant) -> bytes:
 def served_image(data: bytes, size: int, max_megapixels: float | None = None) -> np.ndarray:
     """An uploaded file → uint8 (size, size, 3), as the service decodes it (service.service._fit)."""
     mp = ServiceConfig().max_megapixels if max_megapixels is None else max_megapixels
-    return sp.fit_image(sp.load_rgb(sp.open_image(data, mp)), size)
+    return sp.fit_image(sp.decode_image(data, mp), size)
 
 
 def served_images(images: np.ndarray, variant: str | Variant, size: int) -> np.ndarray:
@@ -153,7 +153,7 @@ def split_data(manifest: dict, split: str, data_dir: str | Path, limit: int | No
     """The images of ``split`` as the run's training saw them: ``val`` is
     ``stratified_split(train_y, val_fraction, seed)`` of the (limited) training set, ``test`` its test set.
     Returns {images, labels, source, dataset, total} (``total``: the split's size before ``limit``)."""
-    from training.data import stratified_split
+    from export.exporter import run_split
     from training.train import TrainConfig, load_data
 
     if split not in ("val", "test"):
@@ -167,7 +167,7 @@ def split_data(manifest: dict, split: str, data_dir: str | Path, limit: int | No
         raise UserError(f"{data_dir} holds {data.name}, but {manifest.get('run')} was trained on "
                         f"{manifest['dataset']}; give its data with --data-dir")
     if split == "val":
-        _, va = stratified_split(data.train_y, cfg.val_fraction, cfg.seed)
+        _, va, _ = run_split(data, metrics)
         if "num_val" in metrics and len(va) != metrics["num_val"]:
             raise UserError(f"{data_dir} gives {len(va)} validation images, but {run_dir} trained with "
                             f"{metrics['num_val']}: not the data this run was trained on")

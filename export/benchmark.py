@@ -213,10 +213,6 @@ def eval_inputs(manifest: dict, limit: int | None = None) -> tuple[np.ndarray, n
     return Preprocessing.from_dict(manifest["preprocessing"]).to_input(test[0][:n]), test[1][:n]
 
 
-def logits_of(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 32) -> np.ndarray:
-    return np.concatenate([np.asarray(fn(x[i:i + batch]), dtype=np.float32) for i in range(0, len(x), batch)])
-
-
 def parity(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> dict:
     """Top-1 agreement and max |Δlogit| of ``logits`` against a reference's on the same inputs, and their
     accuracy where there are labels."""
@@ -290,12 +286,14 @@ def benchmark_model(artifact_dir: Path, batches: list[int], warmup: int, iters: 
 def _openvino_check(artifact_dir: Path, manifest: dict, src: str, model, threads: int, limit: int | None,
                     cache: dict) -> dict:
     """OpenVINO's accuracy and parity with ONNX Runtime on the same ONNX file and test images."""
+    from export.exporter import batched
+
     if "x" not in cache:
         cache["x"], cache["y"] = eval_inputs(manifest, limit)
     if src not in cache:
         ort_model, _ = open_artifact(artifact_dir, src, ["cpu"], threads=threads)
-        cache[src] = logits_of(ort_model, cache["x"])
-    out = parity(logits_of(model, cache["x"]), cache[src], cache["y"])
+        cache[src] = batched(ort_model, cache["x"], 32)
+    out = parity(batched(model, cache["x"], 32), cache[src], cache["y"])
     ref_acc = None if cache["y"] is None else float((cache[src].argmax(1) == cache["y"]).mean())
     return {**out, "reference": f"ONNX Runtime CPU, {manifest['artifacts'][src]['file']}",
             "reference_accuracy": ref_acc, "inputs": "random" if cache["y"] is None else "test"}

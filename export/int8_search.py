@@ -131,12 +131,14 @@ def choose(names: list[str], sensitivity: dict[str, float], evaluate: Callable[[
 def _logits(path: Path, x: np.ndarray, threads: int | None, batch: int = 64) -> np.ndarray:
     import onnxruntime as ort
 
+    from export.exporter import batched
+
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    return batched(lambda b: sess.run(None, {name: b})[0], x, batch)
 
 
 def search(fp32_path: Path, calib_x: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, bound: float,

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from service.openvino_backend import PROVIDER as OPENVINO_PROVIDER
 from service.preprocessing import Preprocessing
 from service.runtime import ArtifactError, load_ort_model, verify_sha256
 from utils import ModelRef, cpu_name, gpu_name
 
-CPU_PROVIDERS = ("CPUExecutionProvider", "OpenVINO CPU")
+CPU_PROVIDERS = ("CPUExecutionProvider", OPENVINO_PROVIDER)
 
 
 @dataclass

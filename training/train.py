@@ -260,7 +260,7 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
     net, cached, feature_seconds = model, cfg.use_cache(), 0.0
     if cached:  # the head trains on the frozen backbone's features, computed once
         print("frozen backbone: computing its features once and training the head on them (feature cache)")
-        sets, feature_seconds = feature_datasets(model, sets, run_dir / "features.pt", weights, device, amp)
+        sets, feature_seconds = feature_datasets(model, sets, run_dir / "features.pt", weights, device, eval_amp)
         net = model.head
     ema = engine.EMA(net, cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None and ckpt is not None:
