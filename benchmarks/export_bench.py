@@ -1,7 +1,8 @@
 """Export benchmark driver: ``python benchmarks/export_bench.py --data-dir ../shared/data``.
 
-1. Exports the shipped EfficientNet-Lite0 run (``configs/lite0-ship.yaml``: ``make ship`` or ``python -m
-   benchmarks.ship`` trains it).
+1. Exports the shipped recipe's EfficientNet-Lite0 base stage (``configs/lite0-ship.yaml``: ``make ship`` or
+   ``python -m benchmarks.ship`` trains it; ``--lite0-run`` picks another run). The shipped stage is the same
+   network, so the speed rows hold for it; its own accuracy per format is in ``benchmarks/ship.md``.
 2. For ResNet-50, EfficientNet-B0 and AlexNet, whose ImageNet weights cannot be downloaded here,
    trains a 1-epoch random-init run (speed rows only: their accuracy columns say so) and exports it.
 3. Benchmarks all of them side by side (``export.benchmark``) → ``benchmarks/export.{json,md,png}``.

@@ -198,6 +198,8 @@ class RobustnessConfig:
     threads: int = field(default=0, metadata={"help": "ONNX Runtime threads; 0: all cores"})
     providers: list[str] | None = field(default=None, metadata={"help": "ONNX Runtime providers (default: cpu)"})
     out: str = field(default=str(HERE / "robustness"), metadata={"help": "output path without extension"})
+    keep_others: bool = field(default=True, metadata={
+        "help": "keep the rows of <out>.json that this call does not measure (other runs, formats, splits)"})
 
 
 def command_line(cfg: RobustnessConfig) -> str:
@@ -359,11 +361,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run(cfg: RobustnessConfig) -> list[dict]:
-    """Measure, merge into ``<out>.json`` (rows of the same run, format and split are replaced) and rewrite
+    """Measure, merge into ``<out>.json`` (rows of the same run, format and split are replaced; with
+    ``keep_others`` off, every earlier row goes) and rewrite
     ``<out>.md`` and ``<out>.png``. Returns all rows."""
     rows = measure(cfg)
     out = Path(cfg.out)
-    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else []
+    old = json.loads(out.with_suffix(".json").read_text()) if cfg.keep_others and out.with_suffix(".json").exists() \
+        else []
     measured = {(r["run"], r["format"], r["split"]) for r in rows}
     rows = [r for r in old if (r.get("run"), r.get("format"), r.get("split")) not in measured] + rows
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,10 @@
 """The Lite0 that ships, and what the serving-path augmentation does to it: ``python -m benchmarks.ship``.
 
-1. Trains ``configs/lite0-ship.yaml``'s recipe and, beside it, the same recipe with the serving-path
-   augmentation toggled (``resample,jpeg`` dropped when the recipe has them, added at ``--serving-aug-p``
-   when it does not): the comparison that says what they cost or buy. Finished runs are reused (``resume``).
-2. Exports both with the recipe's export section (FP32, FP16, INT8 with its accuracy-bounded search).
+1. Trains ``configs/lite0-ship.yaml``'s stages in order: ``base`` (when the recipe has one), then ``train``, the
+   model that ships. Beside them, one comparison run (``--comparison``): the shipped stage without its teacher
+   (what the distillation buys), or, when it has none, with the serving-path augmentation toggled (``resample,jpeg``
+   dropped when it has them, added at ``--serving-aug-p`` when it does not). Finished runs are reused (``resume``).
+2. Exports each with the recipe's export section (FP32, FP16, INT8 with its accuracy-bounded search).
 3. Measures them, and the frozen ``make demo`` model when it is exported, through the service's own
    preprocessing on real-world files (``benchmarks.robustness``), on the validation split (where choices are
    made) and the test split (which only reports).
@@ -26,6 +27,7 @@ from utils import atomic_write, atomic_write_json, cli, cpu_name, from_mapping, 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SERVING_AUGMENT = ("resample", "jpeg")
+STAGES = ("base", "train")  # a recipe's training stages, in order; ``train`` is the one that ships
 
 
 @dataclass
@@ -33,7 +35,7 @@ class ShipBenchConfig:
     recipe: str = field(default=str(ROOT / "configs" / "lite0-ship.yaml"), metadata={"help": "the shipped recipe"})
     data_dir: str = str(ROOT.parent / "shared" / "data")
     comparison: bool = field(default=True, metadata={
-        "help": "also train the recipe with the serving-path augmentation toggled"})
+        "help": "also train the shipped stage without its teacher (or with the serving-path augmentation toggled)"})
     serving_aug_p: float = field(default=0.2, metadata={
         "help": "the comparison's --serving-aug-p when it adds resample,jpeg"})
     extra_artifacts: list[str] = field(default_factory=lambda: ["artifacts/demo-efficientnet_lite0"], metadata={
@@ -43,14 +45,27 @@ class ShipBenchConfig:
 
 
 def comparison_config(cfg: TrainConfig, serving_p: float) -> TrainConfig:
-    """The recipe with the serving-path augmentation toggled, in its own run folder: without it
-    (``<run>-noserving``) when the recipe has it, with it at ``serving_p`` (``<run>-serving``) otherwise."""
+    """The shipped stage changed in one thing, in its own run folder: without its teacher (``<run>-noteacher``,
+    hard labels alone) when it has one; otherwise with the serving-path augmentation toggled: without it
+    (``<run>-noserving``) when the recipe has it, with it at ``serving_p`` (``<run>-serving``) when it does not."""
+    if cfg.teacher:
+        return replace(cfg, teacher=None, name=f"{cfg.run_name}-noteacher")
     augment = cfg.resolved_augment()
     if set(SERVING_AUGMENT) & set(augment):
         kept = [a for a in augment if a not in SERVING_AUGMENT]
         return replace(cfg, augment=",".join(kept) or "none", name=f"{cfg.run_name}-noserving")
     return replace(cfg, augment=",".join((*augment, *SERVING_AUGMENT)), serving_aug_p=serving_p,
                    name=f"{cfg.run_name}-serving")
+
+
+def stages(recipe: str, data_dir: str) -> list[TrainConfig]:
+    """The recipe's training stages in order (``train`` alone when it has no ``base`` section)."""
+    import yaml
+
+    sections = yaml.safe_load(Path(recipe).read_text()) or {}
+    return [from_mapping(TrainConfig, {**yaml_defaults(recipe, TrainConfig, s), "data_dir": data_dir,
+                                       "download": False}, recipe)
+            for s in STAGES if s == "train" or isinstance(sections.get(s), dict)]
 
 
 def row(metrics: dict, manifest: dict) -> dict:
@@ -64,6 +79,8 @@ def row(metrics: dict, manifest: dict) -> dict:
         "val_loss": best["val_loss"], "test_accuracy": metrics["test_accuracy"], "macro_f1": metrics["test_macro_f1"],
         "train_seconds": metrics["train_seconds"], "ema_decay": cfg.get("ema_decay"), "cpu_amp": cfg.get("cpu_amp"),
         "serving_aug_p": cfg.get("serving_aug_p", 0.5) if set(SERVING_AUGMENT) & set(metrics["augment"]) else None,
+        "init_from": cfg.get("init_from"), "teacher": cfg.get("teacher"),
+        "distill_weight": cfg.get("distill_weight") if cfg.get("teacher") else None,
         "batch_size": cfg["batch_size"], "lr": cfg["lr"], "label_smoothing": cfg["label_smoothing"],
         "num_train": metrics["num_train"], "num_val": metrics["num_val"], "num_test": metrics["num_test"],
         "device": metrics["device"], "cpu": cpu_name(), "history": metrics["history"],
@@ -74,12 +91,15 @@ def row(metrics: dict, manifest: dict) -> dict:
 
 
 def augment_label(r: dict) -> str:
-    """The run's augmentation, with the probability of the serving-path ones."""
-    p = r.get("serving_aug_p")
-    return ",".join(r["augment"]) + ("" if p is None else f" (p {p:g})")
+    """The run's augmentation, with the probability of the serving-path ones, and its teacher."""
+    p, teacher, start = r.get("serving_aug_p"), r.get("teacher"), r.get("init_from")
+    return (",".join(r["augment"]) + ("" if p is None else f" (p {p:g})")
+            + ("" if not start else f"; from {Path(start).name}")
+            + ("" if not teacher else f"; teacher {Path(teacher).name} (weight {r['distill_weight']:g})"))
 
 
-def to_markdown(rows: list[dict], robustness_rows: list[dict]) -> str:
+def to_markdown(rows: list[dict], robustness_rows: list[dict], shipped: str | None = None) -> str:
+    """``shipped``: the run that ships (the recipe's ``train`` stage), marked ★."""
     first = rows[0]
     out = ["# The shipped Lite0 (`configs/lite0-ship.yaml`, `make ship`)", "",
            f"Produced by `python -m benchmarks.ship` on {first['device']}. Data: the real CIFAR-10 "
@@ -89,15 +109,16 @@ def to_markdown(rows: list[dict], robustness_rows: list[dict]) -> str:
            "Runtime FP32 and INT8 models on the test images, Δ against the float32 PyTorch model. The run's own "
            "validation and test figures are those `metrics.json` records: runs trained before evaluation moved "
            "to float32 scored them under bf16 autocast (`cpu_amp`), so compare runs on the float32 figures: the "
-           "ONNX columns and the table through the service below.", "",
-           "| run | augment | px | epochs | selected epoch | val acc | test acc (run) | FP32 ONNX test acc | "
+           "ONNX columns and the table through the service below. ★: the run that ships.", "",
+           "| run | training images | px | epochs | selected epoch | val acc | test acc (run) | FP32 ONNX test acc | "
            "INT8 test acc (Δ pts) | train s |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         int8 = "–" if r["int8_accuracy"] is None else \
             f"{100 * r['int8_accuracy']:.2f} ({100 * r['int8_delta']:+.2f})"
         fp32 = "–" if r["onnx_fp32_accuracy"] is None else f"{100 * r['onnx_fp32_accuracy']:.2f}"
-        out.append(f"| {r['run']} | {augment_label(r)} | {r['input_size']} | {r['epochs']} | {r['best_epoch']} | "
+        star = " ★" if r["run"] == shipped else ""
+        out.append(f"| {r['run']}{star} | {augment_label(r)} | {r['input_size']} | {r['epochs']} | {r['best_epoch']} | "
                    f"{100 * r['val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | {fp32} | {int8} | "
                    f"{r['train_seconds']:.0f} |")
     by = {(r["run"], r["format"], r["split"], r["variant"]): r for r in robustness_rows}
@@ -130,10 +151,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run(cfg: ShipBenchConfig) -> list[dict]:
-    recipe = from_mapping(TrainConfig, {**yaml_defaults(cfg.recipe, TrainConfig, "train"), "data_dir": cfg.data_dir,
-                                        "download": False}, cfg.recipe)
+    recipe = stages(cfg.recipe, cfg.data_dir)
     export = yaml_defaults(cfg.recipe, ExportConfig, "export")
-    runs = [recipe] + ([comparison_config(recipe, cfg.serving_aug_p)] if cfg.comparison else [])
+    runs = recipe + ([comparison_config(recipe[-1], cfg.serving_aug_p)] if cfg.comparison else [])
     rows, artifacts = [], []
     for t in runs:
         metrics = train(t)
@@ -144,12 +164,12 @@ def run(cfg: ShipBenchConfig) -> list[dict]:
         artifacts.append(str(out))
     artifacts += [a for a in cfg.extra_artifacts if (Path(a) / "manifest.json").is_file()]
     rob = []
-    for split in ("val", "test"):
+    for split in ("val", "test"):  # the first split starts the file afresh: no rows of runs no longer measured
         rob = robustness.run(robustness.RobustnessConfig(artifacts=artifacts, split=split, data_dir=cfg.data_dir,
-                                                         out=cfg.robustness_out))
+                                                         out=cfg.robustness_out, keep_others=split == "test"))
     out = Path(cfg.out)
     atomic_write_json(rows, out.with_suffix(".json"))
-    atomic_write(out.with_suffix(".md"), to_markdown(rows, rob))
+    atomic_write(out.with_suffix(".md"), to_markdown(rows, rob, recipe[-1].run_name))
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out}.json, {out}.md, {out}.png")
     return rows

@@ -172,14 +172,16 @@ def study(data: dict) -> list[str]:
 
 
 def ship(rows: list[dict]) -> list[str]:
+    from benchmarks.ship import augment_label  # the one label of a run's training images (imports torch)
+
     first = rows[0]
     out = [f"{first['num_train']} training, {first['num_val']} validation, {first['num_test']} test images; "
            f"{first['cpu']}. The epoch that ships has the best validation loss.", ""]
     return out + _table(
-        ["run", "augment", "px", "epochs", "selected", "val acc", "test acc (run)", "FP32 ONNX test acc",
+        ["run", "training images", "px", "epochs", "selected", "val acc", "test acc (run)", "FP32 ONNX test acc",
          "INT8 test acc (Δ)", "train s"],
         "llrrrrrrrr",
-        [[r["run"], ",".join(r["augment"]) + ("" if r.get("serving_aug_p") is None else f" (p {r['serving_aug_p']:g})"),
+        [[r["run"], augment_label(r),
           str(r["input_size"]), str(r["epochs"]), str(r["best_epoch"]),
           f"{100 * r['val_accuracy']:.2f}", f"{100 * r['test_accuracy']:.2f}",
           _f(r["onnx_fp32_accuracy"] and 100 * r["onnx_fp32_accuracy"], ".2f"),

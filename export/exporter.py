@@ -1,8 +1,8 @@
 """The export pipeline: a run folder → ONNX FP32/FP16/INT8 (+ TensorRT engines) + ``manifest.json``.
 
 Every artifact is evaluated on real test images through the serving preprocessing; FP32 must match
-PyTorch (max |Δlogit| ≤ 1e-4, top-1 agreement ≥ 99.9%) or the export fails. Artifacts whose inputs
-have not changed are skipped on a re-run.
+PyTorch (max |Δlogit| ≤ 1e-4 × max(1, the largest |logit|), top-1 agreement ≥ 99.9%) or the export
+fails. Artifacts whose inputs have not changed are skipped on a re-run.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from service.runtime import load_ort_model
 from training.data import CifarData, load_dataset, stratified_split
 from utils import UserError, atomic_path, atomic_write_json, sha256_file, versions
 
-MAX_ABS_DIFF = 1e-4
+MAX_LOGIT_DIFF = 1e-4  # FP32 parity: of the largest |logit| (float32 kernels differ in rounding, not in scale)
 MIN_AGREEMENT = 0.999
 
 # format key → (file name, precision, kind)
@@ -200,10 +200,10 @@ def run_export(cfg: ExportConfig) -> dict:
             export_onnx(model, candidate, artifact_metadata(pre, mj, "fp32", run_dir), opset=cfg.opset)
             logits, scores = evaluate("fp32", candidate)
             max_diff = float(np.abs(logits - reference()[0]).max())
-            if max_diff > MAX_ABS_DIFF or scores["top1_agreement"] < MIN_AGREEMENT:
-                raise ExportError(f"FP32 ONNX parity failed: max |Δlogit| {max_diff:.2e} (limit "
-                                  f"{MAX_ABS_DIFF:.0e}), top-1 agreement {scores['top1_agreement']:.4f} (limit "
-                                  f"{MIN_AGREEMENT})")
+            limit = MAX_LOGIT_DIFF * max(1.0, float(np.abs(reference()[0]).max()))
+            if max_diff > limit or scores["top1_agreement"] < MIN_AGREEMENT:
+                raise ExportError(f"FP32 ONNX parity failed: max |Δlogit| {max_diff:.2e} (limit {limit:.1e}), "
+                                  f"top-1 agreement {scores['top1_agreement']:.4f} (limit {MIN_AGREEMENT})")
         record("fp32", key32, scores, max_abs_logit_diff=max_diff)
     meta = artifact_metadata(pre, mj, "fp32", run_dir)
 

@@ -4,7 +4,6 @@ checked with ``onnx.checker`` (full check) and carrying the preprocessing metada
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from pathlib import Path
 
@@ -13,8 +12,8 @@ import torch
 from torch import nn
 
 from service.preprocessing import METADATA_KEY, Preprocessing
-from training.models import Classifier, ModelConfig, rebuild
-from training.record import load_checkpoint
+from training.models import Classifier
+from training.record import load_trained
 from utils import UserError, atomic_path
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -26,28 +25,13 @@ class ExportError(RuntimeError):
 
 
 def load_run(run_dir: str | Path) -> tuple[Classifier, dict, Preprocessing, Path]:
-    """Rebuild a trained model from ``run_dir`` (``model.json`` + its checkpoint), in eval mode."""
-    run_dir = Path(run_dir)
-    mj_path = run_dir / "model.json"
-    if not run_dir.is_dir():
-        raise UserError(f"run folder not found: {run_dir}")
-    if not mj_path.is_file():
-        raise UserError(f"{run_dir} has no model.json: is it a finished run of training.train?")
+    """Rebuild a trained model from ``run_dir`` (``model.json`` + its checkpoint), in eval mode, with its
+    preprocessing."""
+    model, mj, ckpt_path = load_trained(run_dir)
     try:
-        mj = json.loads(mj_path.read_text())
-        cfg = ModelConfig(mj["backbone"], mj["head"], int(mj["num_classes"]), int(mj["input_size"]),
-                          int(mj.get("image_size", 32)))
         pre = Preprocessing.from_dict(mj["preprocessing"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"corrupt {mj_path}: {type(e).__name__}: {e}") from e
-    ckpt_path = run_dir / mj.get("checkpoint", "best.pt")
-    ckpt = load_checkpoint(ckpt_path)
-    model = rebuild(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {ckpt_path} does not match model.json ({cfg}): {e}") from e
-    model.eval()
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"corrupt {Path(run_dir) / 'model.json'}: {type(e).__name__}: {e}") from e
     return model, mj, pre, ckpt_path
 
 

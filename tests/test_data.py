@@ -137,7 +137,7 @@ def test_serving_path_augmentation_goes_through_the_service_resize(monkeypatch):
     # the run's --serving-aug-p reaches the transform: at 0 a dataset with both serves its images untouched
     x = img.permute(1, 2, 0).numpy()[None]
     ds = ImageArrayDataset(x, np.zeros(1, dtype=np.int64), (0, 0, 0), (1, 1, 1), ("resample", "jpeg"), serving_p=0.0)
-    assert ds.transform.transforms[-1].p == 0.0
+    assert ds.serving.p == 0.0
     torch.testing.assert_close(ds[0][0], ImageArrayDataset(x, np.zeros(1, dtype=np.int64), (0, 0, 0), (1, 1, 1))[0][0])
 
 
@@ -158,3 +158,16 @@ def test_epoch_batches_reshuffle_and_drop_a_trailing_single(n, batch_size, sizes
     again = EpochBatches(n, batch_size, seed=0)
     again.set_epoch(2)
     assert list(again) == epochs[2]  # the seed and the epoch alone decide the order
+
+
+def test_paired_items_are_the_served_and_the_clean_view_of_one_augmented_picture():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    y = np.zeros(1, dtype=np.int64)
+    paired = ImageArrayDataset(x, y, (0, 0, 0), (1, 1, 1), ("flip", "jpeg"), serving_p=1.0, paired=True)
+    torch.manual_seed(0)
+    (served, clean), label = paired[0]
+    assert label == 0 and served.shape == clean.shape == (3, 32, 32)
+    torch.manual_seed(0)  # the clean view is what the plain picture augmentation gives with the same draws
+    torch.testing.assert_close(clean, ImageArrayDataset(x, y, (0, 0, 0), (1, 1, 1), ("flip",))[0][0])
+    assert 0 < (served - clean).abs().mean() < 0.25  # JPEG-compressed, still the same picture

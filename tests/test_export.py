@@ -158,7 +158,7 @@ def test_parity_failure_fails_loudly_and_keeps_the_previous_export(tiny_run, syn
                        bentoml=False)
     first = run_export(cfg)
     (tmp_path / "model.int8.onnx.tmp").write_bytes(b"left by a killed export")
-    monkeypatch.setattr(exporter, "MAX_ABS_DIFF", -1.0)
+    monkeypatch.setattr(exporter, "MAX_LOGIT_DIFF", -1.0)
     with pytest.raises(ExportError, match="parity"):
         run_export(ExportConfig(**{**cfg.__dict__, "force": True}))
     assert sha256_file(tmp_path / "model.onnx") == first["artifacts"]["fp32"]["sha256"]

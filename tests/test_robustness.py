@@ -190,6 +190,8 @@ def test_cli_measures_val_images_writes_and_merges(fake_export, synthetic_dir, t
     assert "## Split: val" in md and "6 of 100" in md and "--split val --formats fp32 int8 --limit 6" in md
     assert md.count("pts: **") == 2 + 2 + 1  # fake FP32 and INT8 two targets each; other FP32 has jpeg32_q75 only
     assert out.with_suffix(".png").stat().st_size > 0
+    assert rb.main([*argv, "--formats", "fp32", "--no-keep-others"]) == 0  # afresh: only what it measured
+    assert {(r["run"], r["format"]) for r in json.loads(out.with_suffix(".json").read_text())} == {("fake", "fp32")}
     assert rb.main([str(art), "--formats", "fp16", "--limit", "2", "--data-dir", str(synthetic_dir),
                     "--out", str(out)]) == 2
     assert "none of the formats fp16" in capsys.readouterr().err

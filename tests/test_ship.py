@@ -1,8 +1,9 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from benchmarks.ship import comparison_config, row
+from benchmarks.ship import comparison_config, row, stages
 from export.exporter import ExportConfig
 from loadtest.run import LoadTestConfig
 from service.config import load_config
@@ -12,7 +13,7 @@ from utils import from_mapping, yaml_defaults
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_comparison_toggles_only_the_serving_path_augmentation():
+def test_comparison_changes_one_thing():
     recipe = TrainConfig(augment="crop,flip,color,resample,jpeg", name="ship", ema_decay=0.995)
     without = comparison_config(recipe, 0.2)
     assert without.resolved_augment() == ("crop", "flip", "color")
@@ -21,6 +22,8 @@ def test_comparison_toggles_only_the_serving_path_augmentation():
     added = comparison_config(without, 0.2)
     assert added.resolved_augment() == recipe.resolved_augment() and added.serving_aug_p == 0.2
     assert added.run_name == "ship-noserving-serving" and added.lr == recipe.lr
+    taught = replace(recipe, teacher="runs/base", init_from="runs/base")  # a stage with a teacher: it alone goes
+    assert comparison_config(taught, 0.2) == replace(taught, teacher=None, name="ship-noteacher")
 
 
 def test_row_reports_the_epoch_selected_on_validation_loss():
@@ -42,5 +45,13 @@ def test_every_stage_section_of_a_make_config_is_valid(name):
     path = ROOT / "configs" / f"{name}.yaml"
     for cls, section in ((TrainConfig, "train"), (ExportConfig, "export"), (LoadTestConfig, "loadtest")):
         from_mapping(cls, yaml_defaults(path, cls, section), str(path))  # unknown keys and bad values refused
+    recipe = stages(str(path), "data")
+    assert recipe[-1] == from_mapping(TrainConfig, {**yaml_defaults(path, TrainConfig, "train"), "data_dir": "data",
+                                                    "download": False})
+    for earlier in recipe[:-1]:  # a stage that ships from a base: the base is trained first, by `make ship` too
+        assert {recipe[-1].teacher, recipe[-1].init_from} & {str(Path(earlier.runs_dir) / earlier.run_name)}
+        assert "--section base" in (ROOT / "Makefile").read_text()
+    export = yaml_defaults(path, ExportConfig, "export")
+    assert export["run_dir"] == str(Path(recipe[-1].runs_dir) / recipe[-1].run_name)  # what ships is exported
     service = load_config({"CIFAR_DEPLOY_CONFIG": str(path)})
     assert service.models and all(m.tag for m in service.models)

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from training import compare, engine
+from training.data import normalize, stratified_split
 from training.engine import pick_device
-from training.train import TrainConfig, build_parser, main, train
+from training.models import get_spec
+from training.train import TrainConfig, build_parser, load_data, main, train
 from utils import UserError, parse_config
 
 
@@ -212,3 +214,87 @@ def test_synthetic_fallback_is_loud(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--synthetic-fallback" in err and "SYNTHETIC" in err
     assert m["synthetic"] and m["dataset"] == "synthetic-cifar10"
+
+
+def test_distill_loss_is_zero_at_the_teacher_and_scaled_by_t_squared():
+    torch.manual_seed(0)
+    t = torch.randn(8, 10)
+    assert engine.distill_loss(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(8, 10, requires_grad=True)
+    loss = engine.distill_loss(s, t, 1.0)
+    p, q = t.softmax(1), s.log_softmax(1)
+    assert loss.item() == pytest.approx((p * (p.log() - q)).sum(1).mean().item(), rel=1e-5)
+    loss.backward()  # the gradient pulls the student's probabilities towards the teacher's
+    torch.testing.assert_close(s.grad, (s.softmax(1) - p).detach() / 8)
+
+
+def test_second_stage_starts_from_a_run_and_distills_from_its_teacher(tiny_run, tmp_path, synthetic_dir,
+                                                                      monkeypatch):
+    base = json.loads((tiny_run / "metrics.json").read_text())["config"]
+    cfg = TrainConfig(**{**base, "runs_dir": str(tmp_path / "runs"), "name": "robust", "epochs": 1, "lr": 1e-4,
+                         "augment": "jpeg", "serving_aug_p": 1.0, "init_from": str(tiny_run),
+                         "teacher": str(tiny_run), "distill_weight": 1.0})
+    temperatures, calls = [], {"student": [], "teacher": []}
+    real_loss, real_epoch = engine.distill_loss, engine.train_one_epoch
+    monkeypatch.setattr(engine, "distill_loss", lambda s, t, temp: temperatures.append(temp) or real_loss(s, t, temp))
+
+    class Seen(torch.nn.Module):  # records what a model is given
+        def __init__(self, inner, key):
+            super().__init__()
+            self.inner, self.key = inner, key
+
+        def forward(self, x):
+            calls[self.key].append(x.detach().clone())
+            return self.inner(x)
+
+    def epoch(model, *a, teacher=None, **k):
+        calls["start"] = {n: v.clone() for n, v in model.state_dict().items()}
+        assert teacher is not None and not any(p.requires_grad for p in teacher.parameters())
+        return real_epoch(Seen(model, "student"), *a, teacher=Seen(teacher, "teacher"), **k)
+
+    monkeypatch.setattr(engine, "train_one_epoch", epoch)
+    m = train(cfg)
+    for k, v in torch.load(tiny_run / "best.pt", weights_only=True)["model"].items():
+        torch.testing.assert_close(calls["start"][k], v)  # the second stage began where the first ended
+    assert temperatures and set(temperatures) == {cfg.distill_temperature}
+    # the teacher saw the training images as they are, the student their JPEG-compressed copies
+    data = load_data(cfg)
+    tr, _ = stratified_split(data.train_y, cfg.val_fraction, cfg.seed)
+    spec = get_spec(cfg.model)
+    clean = normalize(torch.from_numpy(data.train_x[tr]), spec.mean, spec.std).flatten(1)
+    teacher_in = torch.cat(calls["teacher"]).flatten(1)
+    student_in = torch.cat(calls["student"]).flatten(1)
+    assert len(teacher_in) == len(student_in) > 0
+    exact = "donot_use_mm_for_euclid_dist"
+    assert torch.cdist(teacher_in, clean, compute_mode=exact).min(1).values.max() < 1e-4
+    assert torch.cdist(student_in, clean, compute_mode=exact).min(1).values.min() > 1.0
+    assert m["config"]["teacher"] == str(tiny_run) and m["epochs_run"] == 1
+
+
+@pytest.mark.parametrize("key,value", [("seed", 1), ("val_fraction", 0.2)])
+def test_teacher_that_saw_this_runs_validation_images_is_refused(tiny_run, tmp_path, key, value):
+    base = json.loads((tiny_run / "metrics.json").read_text())["config"]
+    cfg = TrainConfig(**{**base, "runs_dir": str(tmp_path / "runs"), "name": "x", key: value,
+                         "teacher": str(tiny_run)})
+    with pytest.raises(UserError, match=f"{key}=.*validation"):
+        train(cfg)
+    with pytest.raises(UserError, match="run folder not found"):
+        train(replace(cfg, **{key: base[key]}, teacher=str(tmp_path / "nowhere")))
+
+
+def test_feature_copies_cache_augmented_copies_beside_the_clean_features(tmp_path, synthetic_dir):
+    plain = train(cfg_for(tmp_path, synthetic_dir, name="plain", epochs=1))
+    m = train(cfg_for(tmp_path, synthetic_dir, name="copies", epochs=1, augment="jpeg", serving_aug_p=1.0,
+                      feature_copies=2))
+    assert m["feature_cache"] is True and m["num_train"] == plain["num_train"]
+    ref = torch.load(tmp_path / "runs" / "plain" / "features.pt", weights_only=True)["features"]
+    got = torch.load(tmp_path / "runs" / "copies" / "features.pt", weights_only=True)["features"]
+    n = plain["num_train"]
+    assert got["train"].shape[0] == 3 * n
+    torch.testing.assert_close(got["train"][:n], ref["train"])  # the clean images first, then the copies
+    torch.testing.assert_close(got["val"], ref["val"])  # validation and test stay clean
+    for k in (1, 2):
+        assert (got["train"][k * n:(k + 1) * n] - ref["train"]).abs().mean() > 1e-3  # JPEG-compressed copies
+    assert not torch.equal(got["train"][n:2 * n], got["train"][2 * n:])  # each copy draws its own
+    with pytest.raises(UserError, match="--feature-copies needs --augment"):
+        train(cfg_for(tmp_path, synthetic_dir, name="bad", feature_copies=1, augment="none"))

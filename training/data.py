@@ -344,29 +344,40 @@ def normalize(x_uint8_nhwc: torch.Tensor, mean: tuple[float, ...], std: tuple[fl
 
 
 class ImageArrayDataset(Dataset):
-    """uint8 NHWC images → normalised float CHW tensors, with optional augmentation."""
+    """uint8 NHWC images → normalised float CHW tensors, with optional augmentation.
+
+    With ``paired`` an item is ``((served, clean), label)``: the same augmented picture after and before the
+    serving-path augmentation (``resample``, ``jpeg``), for a teacher that sees the clean one."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, mean, std, augment: tuple[str, ...] = (),
-                 serving_p: float = 0.5):
+                 serving_p: float = 0.5, paired: bool = False):
         self.x = torch.from_numpy(np.ascontiguousarray(x))
         self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
         self.mean, self.std = tuple(mean), tuple(std)
-        self.augment = augment
-        self.transform = _build_augment(augment, serving_p)
+        self.augment, self.paired = augment, paired
+        self.transform, self.serving = _build_augment(augment, serving_p)
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def _normalize(self, img: torch.Tensor) -> torch.Tensor:
+        return normalize(img.permute(1, 2, 0).unsqueeze(0), self.mean, self.std)[0]
 
     def __getitem__(self, i: int):
         img = self.x[i].permute(2, 0, 1)  # CHW uint8
         if self.transform is not None:
             img = self.transform(img)
-        return normalize(img.permute(1, 2, 0).unsqueeze(0), self.mean, self.std)[0], self.y[i]
+        served = self.serving(img) if self.serving is not None else img
+        if self.paired:
+            return (self._normalize(served), self._normalize(img)), self.y[i]
+        return self._normalize(served), self.y[i]
 
 
 def _build_augment(augment: tuple[str, ...], serving_p: float = 0.5):
-    if not augment:
-        return None
+    """(the picture's own augmentation, or None; then the serving-path one, or None)."""
+    serving = None
+    if "resample" in augment or "jpeg" in augment:  # last: what happens to the picture on its way to the service
+        serving = ServingPath("resample" in augment, "jpeg" in augment, serving_p)
     from torchvision.transforms import v2
 
     ops = []
@@ -379,9 +390,7 @@ def _build_augment(augment: tuple[str, ...], serving_p: float = 0.5):
         ops.append(v2.RandomHorizontalFlip())
     if "color" in augment:
         ops += [v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2), v2.RandomGrayscale(p=0.05)]
-    if "resample" in augment or "jpeg" in augment:  # last: what happens to the picture on its way to the service
-        ops.append(ServingPath("resample" in augment, "jpeg" in augment, serving_p))
-    return v2.Compose(ops)
+    return (v2.Compose(ops) if ops else None), serving
 
 
 class ServingPath:

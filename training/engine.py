@@ -80,20 +80,40 @@ def _progress(iterable, desc: str | None):
     return tqdm(iterable, desc=desc, leave=False, disable=True if desc is None or distributed.rank() else None)
 
 
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher ‖ student) on the temperature-softened distributions, scaled by T² (Hinton et al., 2015)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean",
+                    log_target=True) * t * t
+
+
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, device: torch.device, *,
                     label_smoothing: float = 0.0, amp: bool = False, ema: EMA | None = None,
+                    teacher: nn.Module | None = None, distill_weight: float = 0.5, distill_temperature: float = 2.0,
                     desc: str | None = None) -> tuple[float, float]:
     """One pass over ``loader`` (``train_mode``: frozen BatchNorm keeps its statistics), updating ``ema``
-    after each step; returns the mean training loss and accuracy, over every rank's images."""
+    after each step; returns the mean training loss and accuracy, over every rank's images.
+
+    With a ``teacher`` the loader's images are (student's, teacher's) pairs and the loss is
+    (1 − ``distill_weight``) × cross-entropy + ``distill_weight`` × :func:`distill_loss`."""
     plain = model.module if isinstance(model, DistributedDataParallel) else model
     train_mode(plain)
+    if teacher is not None:
+        teacher.eval()
     total, correct, loss_sum = 0, 0, 0.0
     bar = _progress(loader, desc)
     for x, y in bar:
+        if teacher is not None:
+            x, x_teacher = x
         x, y = _to(x, device), y.to(device)
         with autocast(device, amp):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(_to(x_teacher, device)).float()
+                loss = (1 - distill_weight) * loss + distill_weight * distill_loss(
+                    logits.float(), target, distill_temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

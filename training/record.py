@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ import torch
 from training import report
 from training.data import CifarData
 from training.metrics import classification_report
-from training.models import Classifier, ModelConfig, count_flops, count_params, get_spec
+from training.models import Classifier, ModelConfig, count_flops, count_params, get_spec, rebuild
 from utils import UserError, atomic_save_torch, atomic_write_json, device_name
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 # settings a resumed run must share with the run it continues
 RESUME_KEYS = ("model", "dataset", "strategy", "head", "weights", "input_size", "seed", "val_fraction", "augment",
-               "serving_aug_p")
+               "serving_aug_p", "feature_copies", "init_from", "teacher", "distill_weight", "distill_temperature")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -54,6 +55,31 @@ def resume_checkpoint(run_dir: Path, config: dict, resume: bool) -> dict | None:
             raise UserError(f"--resume: run {run_dir} was started with {k}={saved[k]!r}, not {config[k]!r}; "
                             "use another --name")
     return ckpt
+
+
+def load_trained(run_dir: str | Path) -> tuple[Classifier, dict, Path]:
+    """A finished run's model as it ships (``model.json`` + its checkpoint), in eval mode; also returns the
+    ``model.json`` and the checkpoint's path."""
+    run_dir = Path(run_dir)
+    mj_path = run_dir / "model.json"
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    if not mj_path.is_file():
+        raise UserError(f"{run_dir} has no model.json: is it a finished run of training.train?")
+    try:
+        mj = json.loads(mj_path.read_text())
+        cfg = ModelConfig(mj["backbone"], mj["head"], int(mj["num_classes"]), int(mj["input_size"]),
+                          int(mj.get("image_size", 32)))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"corrupt {mj_path}: {type(e).__name__}: {e}") from e
+    ckpt_path = run_dir / mj.get("checkpoint", "best.pt")
+    ckpt = load_checkpoint(ckpt_path)
+    model = rebuild(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {ckpt_path} does not match model.json ({cfg}): {e}") from e
+    return model.eval(), mj, ckpt_path
 
 
 def model_json(cfg: TrainConfig, mcfg: ModelConfig, data: CifarData, weights: str, test_accuracy: float) -> dict:

@@ -78,9 +78,21 @@ class TrainConfig:
                 "trip to the service: docs/training.md), or none (default: none for frozen, crop,flip otherwise)"})
     serving_aug_p: float = field(default=0.5, metadata={
         "help": "resample, jpeg: the probability of each (0.5: three images in four take at least one)"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from a finished run's shipped weights (its folder): a second stage that fine-tunes it further"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "a finished run (its folder) whose predictions on each clean training image are the soft targets of "
+                "the student's augmented one (with resample,jpeg: robustness to uploads without forgetting clean "
+                "images; docs/training.md)"})
+    distill_weight: float = field(default=0.5, metadata={
+        "help": "teacher: the weight of the distillation loss (the cross-entropy takes the rest)"})
+    distill_temperature: float = field(default=2.0, metadata={"help": "teacher: the softmax temperature"})
     cache_features: str = field(default="auto", metadata={
-        "help": "frozen backbone without augmentation: train the head on features computed once",
-        "choices": CACHE_CHOICES})
+        "help": "frozen backbone without augmentation (or with --feature-copies): train the head on features "
+                "computed once", "choices": CACHE_CHOICES})
+    feature_copies: int = field(default=0, metadata={
+        "help": "frozen backbone with augmentation: cache this many augmented copies of each training image beside "
+                "its clean one, drawn once, instead of running the backbone every epoch (0: no cache)"})
     phase1_epochs: int | None = field(default=None, metadata={"help": "two-phase: frozen epochs (default: half)"})
     phase2_lr_scale: float = field(default=0.1, metadata={"help": "two-phase: learning-rate factor of the full phase"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation, validation split and batch order"})
@@ -117,6 +129,10 @@ class TrainConfig:
             raise UserError("--epochs, --batch-size and --lr must be positive")
         if not 0.0 <= self.serving_aug_p <= 1.0:
             raise UserError(f"--serving-aug-p must be in [0, 1], got {self.serving_aug_p}")
+        if self.feature_copies < 0 or (self.feature_copies and not self.resolved_augment()):
+            raise UserError("--feature-copies needs --augment (copies of what?) and must be 0 or more")
+        if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
+            raise UserError("--distill-weight must be in [0, 1] and --distill-temperature positive")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
 
@@ -132,13 +148,13 @@ class TrainConfig:
 
     def use_cache(self) -> bool:
         frozen = self.strategy == "frozen"
-        augment = bool(self.resolved_augment())
+        augment = bool(self.resolved_augment()) and not self.feature_copies
         if self.cache_features == "on":
-            if not frozen or augment:
-                raise UserError("--cache-features on needs --strategy frozen and --augment none "
-                                "(cached features cannot see training-time augmentation)")
+            if not frozen or augment or self.teacher:
+                raise UserError("--cache-features on needs --strategy frozen, no --teacher and --augment none "
+                                "or --feature-copies (cached features cannot see augmentation drawn each epoch)")
             return True
-        return self.cache_features == "auto" and frozen and not augment
+        return self.cache_features == "auto" and frozen and not augment and not self.teacher
 
 
 def load_data(cfg: TrainConfig) -> CifarData:
@@ -158,6 +174,25 @@ def load_data(cfg: TrainConfig) -> CifarData:
         print(f"WARNING: {data.name} is SYNTHETIC data (coloured shapes), not CIFAR; "
               "its accuracy says nothing about real images.", file=sys.stderr)
     return data
+
+
+def trained_run(cfg: TrainConfig, run_dir: str, role: str) -> nn.Module:
+    """A finished run's model, for ``--init-from`` or ``--teacher``. It must have trained on this run's training
+    images only (same dataset, validation split and limit), so that this run's validation stays unseen, and
+    take the same input (image size, normalisation)."""
+    model, mj, _ = record.load_trained(run_dir)
+    metrics_path = Path(run_dir) / "metrics.json"
+    if not metrics_path.is_file():
+        raise UserError(f"--{role} {run_dir}: no metrics.json (not a finished run)")
+    theirs = json.loads(metrics_path.read_text())["config"]
+    for key in ("dataset", "val_fraction", "seed", "limit_train"):
+        if theirs.get(key) != getattr(cfg, key):
+            raise UserError(f"--{role} {run_dir} trained with {key}={theirs.get(key)!r}, this run has "
+                            f"{getattr(cfg, key)!r}: its training images would include this run's validation ones")
+    spec, pre = get_spec(cfg.model), mj["preprocessing"]
+    if (list(pre["mean"]), list(pre["std"])) != (list(spec.mean), list(spec.std)):
+        raise UserError(f"--{role} {run_dir}: its input normalisation differs from {cfg.model}'s")
+    return model
 
 
 def make_optimizer(cfg: TrainConfig, net: nn.Module, lr: float, epochs: int) -> tuple[torch.optim.Optimizer, object]:
@@ -245,13 +280,24 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
     spec = get_spec(cfg.model)
     tr, va = stratified_split(data.train_y, cfg.val_fraction, cfg.seed)
     sets = {"train": ImageArrayDataset(data.train_x[tr], data.train_y[tr], spec.mean, spec.std,
-                                       cfg.resolved_augment(), cfg.serving_aug_p),
+                                       cfg.resolved_augment(), cfg.serving_aug_p, paired=bool(cfg.teacher)),
             "val": ImageArrayDataset(data.train_x[va], data.train_y[va], spec.mean, spec.std),
             "test": ImageArrayDataset(data.test_x, data.test_y, spec.mean, spec.std)}
     phase1 = cfg.phase1_epochs if cfg.phase1_epochs is not None else max(1, cfg.epochs // 2)
 
     history: list[dict] = []
     start_epoch, best_val, bad_epochs = 0, math.inf, 0
+    if cfg.init_from and ckpt is None:
+        try:
+            model.load_state_dict(trained_run(cfg, cfg.init_from, "init-from").state_dict())
+        except RuntimeError as e:
+            raise UserError(f"--init-from {cfg.init_from}: not a {cfg.model} of this shape ({e})") from e
+        print(f"starting from the weights of {cfg.init_from}")
+    teacher = None
+    if cfg.teacher:
+        teacher = trained_run(cfg, cfg.teacher, "teacher").to(device).requires_grad_(False)
+        print(f"teacher: {cfg.teacher} (on the clean images; distillation weight {cfg.distill_weight}, "
+              f"T {cfg.distill_temperature})")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         history, start_epoch = ckpt["history"], ckpt["epoch"]
@@ -260,7 +306,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
     net, cached, feature_seconds = model, cfg.use_cache(), 0.0
     if cached:  # the head trains on the frozen backbone's features, computed once
         print("frozen backbone: computing its features once and training the head on them (feature cache)")
-        sets, feature_seconds = feature_datasets(model, sets, run_dir / "features.pt", weights, device, eval_amp)
+        sets, feature_seconds = feature_datasets(model, sets, run_dir / "features.pt", weights, device, eval_amp,
+                                                 cfg.feature_copies)
         net = model.head
     ema = engine.EMA(net, cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None and ckpt is not None:
@@ -285,7 +332,9 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         train_loss, train_acc = engine.train_one_epoch(trained, opt, train_loader, device, amp=amp, ema=ema,
-                                                       label_smoothing=cfg.label_smoothing,
+                                                       label_smoothing=cfg.label_smoothing, teacher=teacher,
+                                                       distill_weight=cfg.distill_weight,
+                                                       distill_temperature=cfg.distill_temperature,
                                                        desc=f"epoch {epoch + 1}/{cfg.epochs} train")
         val_net = net if ema is None else ema.module  # what is validated is what ships
         val_loss, val_acc, _ = engine.evaluate(val_net, sets["val"], device, eval_amp, desc="val eval")
@@ -353,11 +402,15 @@ def _train_cli(cfg: TrainConfig) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = config_parser(TrainConfig, "python -m training.train", __doc__)
     parser.add_argument("--list-models", action="store_true", help="list the registry and exit")
+    parser.add_argument("--section", default="train", help="the --config section to read (default: train; "
+                        "configs/lite0-ship.yaml has a 'base' stage before it)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_config(TrainConfig, build_parser(), argv, section="train")
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    cfg, args = parse_config(TrainConfig, parser, argv, section=first.section)
     return run_cli(print_models) if args.list_models else run_cli(_train_cli, cfg)
 
 
