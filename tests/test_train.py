@@ -1,4 +1,5 @@
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -280,6 +281,10 @@ def test_teacher_that_saw_this_runs_validation_images_is_refused(tiny_run, tmp_p
         train(cfg)
     with pytest.raises(UserError, match="run folder not found"):
         train(replace(cfg, **{key: base[key]}, teacher=str(tmp_path / "nowhere")))
+    corrupt = shutil.copytree(tiny_run, tmp_path / "corrupt")
+    (corrupt / "metrics.json").write_text("{")
+    with pytest.raises(UserError, match="corrupt .*metrics.json"):
+        train(replace(cfg, **{key: base[key]}, teacher=str(corrupt)))
 
 
 def test_feature_copies_cache_augmented_copies_beside_the_clean_features(tmp_path, synthetic_dir):

@@ -184,7 +184,10 @@ def trained_run(cfg: TrainConfig, run_dir: str, role: str) -> nn.Module:
     metrics_path = Path(run_dir) / "metrics.json"
     if not metrics_path.is_file():
         raise UserError(f"--{role} {run_dir}: no metrics.json (not a finished run)")
-    theirs = json.loads(metrics_path.read_text())["config"]
+    try:
+        theirs = json.loads(metrics_path.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"--{role} {run_dir}: corrupt {metrics_path}: {type(e).__name__}: {e}") from e
     for key in ("dataset", "val_fraction", "seed", "limit_train"):
         if theirs.get(key) != getattr(cfg, key):
             raise UserError(f"--{role} {run_dir} trained with {key}={theirs.get(key)!r}, this run has "
