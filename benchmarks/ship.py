@@ -21,6 +21,7 @@ from pathlib import Path
 
 from benchmarks import robustness
 from export.exporter import ExportConfig, run_export
+from training.data import JPEG_QUALITY
 from training.train import TrainConfig, train
 from utils import atomic_write, atomic_write_json, cli, cpu_name, from_mapping, pyplot, save_figure, yaml_defaults
 
@@ -79,6 +80,7 @@ def row(metrics: dict, manifest: dict) -> dict:
         "val_loss": best["val_loss"], "test_accuracy": metrics["test_accuracy"], "macro_f1": metrics["test_macro_f1"],
         "train_seconds": metrics["train_seconds"], "ema_decay": cfg.get("ema_decay"), "cpu_amp": cfg.get("cpu_amp"),
         "serving_aug_p": cfg.get("serving_aug_p", 0.5) if set(SERVING_AUGMENT) & set(metrics["augment"]) else None,
+        "jpeg_quality": cfg.get("jpeg_quality", list(JPEG_QUALITY)) if "jpeg" in metrics["augment"] else None,
         "init_from": cfg.get("init_from"), "teacher": cfg.get("teacher"),
         "distill_weight": cfg.get("distill_weight") if cfg.get("teacher") else None,
         "batch_size": cfg["batch_size"], "lr": cfg["lr"], "label_smoothing": cfg["label_smoothing"],
@@ -92,8 +94,8 @@ def row(metrics: dict, manifest: dict) -> dict:
 
 def augment_label(r: dict) -> str:
     """The run's augmentation, with the probability of the serving-path ones, and its teacher."""
-    p, teacher, start = r.get("serving_aug_p"), r.get("teacher"), r.get("init_from")
-    return (",".join(r["augment"]) + ("" if p is None else f" (p {p:g})")
+    p, teacher, start, q = r.get("serving_aug_p"), r.get("teacher"), r.get("init_from"), r.get("jpeg_quality")
+    return (",".join(r["augment"]) + ("" if p is None else f" (p {p:g}" + (f", JPEG q {q[0]}–{q[1]})" if q else ")"))
             + ("" if not start else f"; from {Path(start).name}")
             + ("" if not teacher else f"; teacher {Path(teacher).name} (weight {r['distill_weight']:g})"))
 

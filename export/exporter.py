@@ -122,7 +122,11 @@ def run_export(cfg: ExportConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     model, mj, pre, ckpt_path = load_run(run_dir)
     metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    try:
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"corrupt {metrics_path} ({e}): rerun the training, or delete the file to export "
+                        "with training's default data settings") from e
     out = cfg.output_dir()
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.tmp"):  # left by an export that was killed mid-write

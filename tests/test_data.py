@@ -1,8 +1,10 @@
+import io
 import pickle
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from training.data import (
     EpochBatches,
@@ -133,6 +135,15 @@ def test_serving_path_augmentation_goes_through_the_service_resize(monkeypatch):
     assert len(sizes) == 2  # JPEG alone never resizes
     assert not torch.equal(jpeg, img) and (jpeg.float() - img.float()).abs().mean() < 60
     assert torch.equal(ServingPath(resample=True, jpeg=True, p=0.0)(img), img)
+    # --jpeg-quality: a one-quality range is exactly Pillow's JPEG at that quality; a bad range is refused
+    buf = io.BytesIO()
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=40)
+    pillow = np.asarray(Image.open(buf).convert("RGB"))
+    out40 = ServingPath(resample=False, jpeg=True, p=1.0, quality=(40, 40))(img)
+    assert np.array_equal(out40.permute(1, 2, 0).numpy(), pillow)
+    for bad in ((90, 50), (0, 50), (50, 101), (50,)):
+        with pytest.raises(UserError, match="--jpeg-quality"):
+            ServingPath(resample=False, jpeg=True, quality=bad)
     assert parse_augment("crop,flip,color,resample,jpeg")[-2:] == ("resample", "jpeg")
     # the run's --serving-aug-p reaches the transform: at 0 a dataset with both serves its images untouched
     x = img.permute(1, 2, 0).numpy()[None]

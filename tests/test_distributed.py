@@ -71,6 +71,8 @@ def _args(cfg: TrainConfig) -> list[str]:
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
             out.append(flag if v else flag.replace("--", "--no-"))
+        elif isinstance(v, list):
+            out += [flag, *map(str, v)]
         elif v is not None:
             out += [flag, str(v)]
     return out

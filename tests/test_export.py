@@ -175,6 +175,14 @@ def test_cli_errors(tmp_path, tiny_run, capsys):
     (bad / "best.pt").write_bytes(b"junk")
     assert export_main([str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "corrupt checkpoint" in capsys.readouterr().err
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    for f in ("model.json", "best.pt"):
+        (torn / f).write_bytes((tiny_run / f).read_bytes())
+    (torn / "metrics.json").write_text('{"config": ')
+    assert export_main([str(torn), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt" in err and "metrics.json" in err and "Traceback" not in err
 
 
 def test_benchmark_writes_rows_table_and_plot(exported, tmp_path):

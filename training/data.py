@@ -320,8 +320,14 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 
 AUGMENTATIONS = ("crop", "flip", "rotate", "zoom", "color", "resample", "jpeg")
-JPEG_QUALITY = (50, 95)  # ``jpeg``: the quality range of the re-encoding (phones and browsers: 70–95)
+JPEG_QUALITY = (50, 95)  # ``jpeg``: the default quality range of the re-encoding (phones and browsers: 70–95)
 RESAMPLE_SIZES = (48, 512)  # ``resample``: the range of the upload sizes it imitates (log-uniform)
+
+
+def check_jpeg_quality(quality) -> None:
+    """Refuse a ``--jpeg-quality`` that is not LOW HIGH within Pillow's 1–100."""
+    if len(quality) != 2 or not 1 <= quality[0] <= quality[1] <= 100:
+        raise UserError(f"--jpeg-quality takes LOW HIGH with 1 <= LOW <= HIGH <= 100, got {list(quality)}")
 
 
 def parse_augment(spec: str) -> tuple[str, ...]:
@@ -350,12 +356,12 @@ class ImageArrayDataset(Dataset):
     serving-path augmentation (``resample``, ``jpeg``), for a teacher that sees the clean one."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, mean, std, augment: tuple[str, ...] = (),
-                 serving_p: float = 0.5, paired: bool = False):
+                 serving_p: float = 0.5, paired: bool = False, jpeg_quality: tuple[int, int] = JPEG_QUALITY):
         self.x = torch.from_numpy(np.ascontiguousarray(x))
         self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
         self.mean, self.std = tuple(mean), tuple(std)
         self.augment, self.paired = augment, paired
-        self.transform, self.serving = _build_augment(augment, serving_p)
+        self.transform, self.serving = _build_augment(augment, serving_p, jpeg_quality)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -373,11 +379,11 @@ class ImageArrayDataset(Dataset):
         return self._normalize(served), self.y[i]
 
 
-def _build_augment(augment: tuple[str, ...], serving_p: float = 0.5):
+def _build_augment(augment: tuple[str, ...], serving_p: float = 0.5, jpeg_quality: tuple[int, int] = JPEG_QUALITY):
     """(the picture's own augmentation, or None; then the serving-path one, or None)."""
     serving = None
     if "resample" in augment or "jpeg" in augment:  # last: what happens to the picture on its way to the service
-        serving = ServingPath("resample" in augment, "jpeg" in augment, serving_p)
+        serving = ServingPath("resample" in augment, "jpeg" in augment, serving_p, jpeg_quality)
     from torchvision.transforms import v2
 
     ops = []
@@ -399,15 +405,16 @@ class ServingPath:
     - ``resample``: the picture exists at another size (``RESAMPLE_SIZES``, log-uniform; a random Pillow
       filter), is maybe JPEG-compressed there, and comes back through the service's own
       :func:`service.preprocessing.fit_image`;
-    - ``jpeg``: the 32 px picture is JPEG-compressed at a random quality (``JPEG_QUALITY``; Pillow's
+    - ``jpeg``: the 32 px picture is JPEG-compressed at a quality drawn uniformly from ``quality`` (Pillow's
       default 4:2:0 chroma subsampling, as phones and browsers write).
 
     Random draws come from torch's generator, so a seeded run is reproducible."""
 
     FILTERS = ("NEAREST", "BILINEAR", "BICUBIC", "LANCZOS")
 
-    def __init__(self, resample: bool, jpeg: bool, p: float = 0.5):
-        self.resample, self.jpeg, self.p = resample, jpeg, p
+    def __init__(self, resample: bool, jpeg: bool, p: float = 0.5, quality: tuple[int, int] = JPEG_QUALITY):
+        check_jpeg_quality(quality)
+        self.resample, self.jpeg, self.p, self.quality = resample, jpeg, p, tuple(quality)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         from PIL import Image
@@ -421,10 +428,10 @@ class ServingPath:
             side = int(round(np.exp(lo + (hi - lo) * _draw())))
             im = im.resize((side, side), getattr(Image.Resampling, self.FILTERS[int(_draw() * 4)]))
             if _draw() < 0.5:
-                im = _jpeg(im)
+                im = _jpeg(im, self.quality)
             im = Image.fromarray(fit_image(im, size))
         if self.jpeg and _draw() < self.p:
-            im = _jpeg(im)
+            im = _jpeg(im, self.quality)
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
@@ -432,13 +439,13 @@ def _draw() -> float:
     return float(torch.rand(()))
 
 
-def _jpeg(im):
+def _jpeg(im, quality: tuple[int, int]):
     import io
 
     from PIL import Image
 
     buf = io.BytesIO()
-    lo, hi = JPEG_QUALITY
+    lo, hi = quality
     im.save(buf, "JPEG", quality=lo + int(_draw() * (hi - lo + 1)))
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 

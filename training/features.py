@@ -44,6 +44,7 @@ def feature_datasets(model: Classifier, images: dict[str, ImageArrayDataset], pa
     train = images["train"]
     key = json.dumps({"weights": weights, "n": [len(ds) for ds in images.values()], "input_size": model.input_size,
                       **({"augment": list(train.augment), "serving_p": train.serving and train.serving.p,
+                          "jpeg_quality": train.serving and list(train.serving.quality),
                           "copies": copies} if copies else {})})
     feats, seconds = distributed.from_main(_load, path, key)
     if feats is None:

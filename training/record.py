@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 # settings a resumed run must share with the run it continues
 RESUME_KEYS = ("model", "dataset", "strategy", "head", "weights", "input_size", "seed", "val_fraction", "augment",
-               "serving_aug_p", "feature_copies", "init_from", "teacher", "distill_weight", "distill_temperature")
+               "serving_aug_p", "jpeg_quality", "feature_copies", "init_from", "teacher", "distill_weight",
+               "distill_temperature")
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -25,9 +25,11 @@ from torch.utils.data import DataLoader
 
 from training import distributed, engine, record
 from training.data import (
+    JPEG_QUALITY,
     CifarData,
     EpochBatches,
     ImageArrayDataset,
+    check_jpeg_quality,
     load_dataset,
     parse_augment,
     stratified_split,
@@ -78,6 +80,9 @@ class TrainConfig:
                 "trip to the service: docs/training.md), or none (default: none for frozen, crop,flip otherwise)"})
     serving_aug_p: float = field(default=0.5, metadata={
         "help": "resample, jpeg: the probability of each (0.5: three images in four take at least one)"})
+    jpeg_quality: list[int] = field(default_factory=lambda: list(JPEG_QUALITY), metadata={
+        "help": "jpeg (and resample's JPEG step): the range LOW HIGH its quality is drawn from, uniformly",
+        "metavar": "Q"})
     init_from: str | None = field(default=None, metadata={
         "help": "start from a finished run's shipped weights (its folder): a second stage that fine-tunes it further"})
     teacher: str | None = field(default=None, metadata={
@@ -129,6 +134,7 @@ class TrainConfig:
             raise UserError("--epochs, --batch-size and --lr must be positive")
         if not 0.0 <= self.serving_aug_p <= 1.0:
             raise UserError(f"--serving-aug-p must be in [0, 1], got {self.serving_aug_p}")
+        check_jpeg_quality(self.jpeg_quality)
         if self.feature_copies < 0 or (self.feature_copies and not self.resolved_augment()):
             raise UserError("--feature-copies needs --augment (copies of what?) and must be 0 or more")
         if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
@@ -283,7 +289,8 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
     spec = get_spec(cfg.model)
     tr, va = stratified_split(data.train_y, cfg.val_fraction, cfg.seed)
     sets = {"train": ImageArrayDataset(data.train_x[tr], data.train_y[tr], spec.mean, spec.std,
-                                       cfg.resolved_augment(), cfg.serving_aug_p, paired=bool(cfg.teacher)),
+                                       cfg.resolved_augment(), cfg.serving_aug_p, paired=bool(cfg.teacher),
+                                       jpeg_quality=tuple(cfg.jpeg_quality)),
             "val": ImageArrayDataset(data.train_x[va], data.train_y[va], spec.mean, spec.std),
             "test": ImageArrayDataset(data.test_x, data.test_y, spec.mean, spec.std)}
     phase1 = cfg.phase1_epochs if cfg.phase1_epochs is not None else max(1, cfg.epochs // 2)
