@@ -243,11 +243,12 @@ def config_parser(cls, prog: str, description: str | None, positional: tuple[str
 
 def parse_config(cls, parser: argparse.ArgumentParser, argv: list[str] | None = None,
                  section: str | None = None) -> tuple[object, argparse.Namespace]:
-    """Parse ``argv`` into ``cls``: YAML (``--config``) defaults first, then the command line.
-    Returns the config and the namespace (for options that are not fields, such as actions)."""
+    """Parse ``argv`` into ``cls``: YAML (``--config``) defaults first, from its ``section`` (a parser's own
+    ``--section`` option wins), then the command line. Returns the config and the namespace (for options that
+    are not fields, such as actions)."""
     first, _ = parser.parse_known_args(argv)
     if getattr(first, "config", None):
-        parser.set_defaults(**yaml_defaults(first.config, cls, section))
+        parser.set_defaults(**yaml_defaults(first.config, cls, getattr(first, "section", section)))
     args = parser.parse_args(argv)
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

@@ -80,7 +80,8 @@ def row(metrics: dict, manifest: dict) -> dict:
         "val_loss": best["val_loss"], "test_accuracy": metrics["test_accuracy"], "macro_f1": metrics["test_macro_f1"],
         "train_seconds": metrics["train_seconds"], "ema_decay": cfg.get("ema_decay"), "cpu_amp": cfg.get("cpu_amp"),
         "serving_aug_p": cfg.get("serving_aug_p", 0.5) if set(SERVING_AUGMENT) & set(metrics["augment"]) else None,
-        "jpeg_quality": cfg.get("jpeg_quality", list(JPEG_QUALITY)) if "jpeg" in metrics["augment"] else None,
+        "jpeg_quality": cfg.get("jpeg_quality", list(JPEG_QUALITY)) if set(SERVING_AUGMENT) & set(metrics["augment"])
+        else None,
         "init_from": cfg.get("init_from"), "teacher": cfg.get("teacher"),
         "distill_weight": cfg.get("distill_weight") if cfg.get("teacher") else None,
         "batch_size": cfg["batch_size"], "lr": cfg["lr"], "label_smoothing": cfg["label_smoothing"],

@@ -28,6 +28,7 @@ from service import tensorrt_engine as trt_engine
 from service.preprocessing import Preprocessing
 from service.runtime import load_ort_model
 from training.data import CifarData, load_dataset, stratified_split
+from training.record import load_metrics
 from utils import UserError, atomic_path, atomic_write_json, sha256_file, versions
 
 MAX_LOGIT_DIFF = 1e-4  # FP32 parity: of the largest |logit| (float32 kernels differ in rounding, not in scale)
@@ -121,12 +122,7 @@ def run_export(cfg: ExportConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
     model, mj, pre, ckpt_path = load_run(run_dir)
-    metrics_path = run_dir / "metrics.json"
-    try:
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise UserError(f"corrupt {metrics_path} ({e}): rerun the training, or delete the file to export "
-                        "with training's default data settings") from e
+    metrics = load_metrics(run_dir) or {}
     out = cfg.output_dir()
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.tmp"):  # left by an export that was killed mid-write

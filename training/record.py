@@ -58,6 +58,20 @@ def resume_checkpoint(run_dir: Path, config: dict, resume: bool) -> dict | None:
     return ckpt
 
 
+def load_metrics(run_dir: str | Path) -> dict | None:
+    """A run's ``metrics.json``, or None when it has none; a corrupt one is a :class:`UserError`."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"corrupt {path} ({e}): rerun the training that wrote it") from e
+    if not isinstance(metrics, dict):
+        raise UserError(f"corrupt {path}: not a JSON object; rerun the training that wrote it")
+    return metrics
+
+
 def load_trained(run_dir: str | Path) -> tuple[Classifier, dict, Path]:
     """A finished run's model as it ships (``model.json`` + its checkpoint), in eval mode; also returns the
     ``model.json`` and the checkpoint's path."""

@@ -11,7 +11,6 @@ interruption, losing at most the epoch in progress.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -187,13 +186,12 @@ def trained_run(cfg: TrainConfig, run_dir: str, role: str) -> nn.Module:
     images only (same dataset, validation split and limit), so that this run's validation stays unseen, and
     take the same input (image size, normalisation)."""
     model, mj, _ = record.load_trained(run_dir)
-    metrics_path = Path(run_dir) / "metrics.json"
-    if not metrics_path.is_file():
+    metrics = record.load_metrics(run_dir)
+    if metrics is None:
         raise UserError(f"--{role} {run_dir}: no metrics.json (not a finished run)")
-    try:
-        theirs = json.loads(metrics_path.read_text())["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"--{role} {run_dir}: corrupt {metrics_path}: {type(e).__name__}: {e}") from e
+    theirs = metrics.get("config")
+    if not isinstance(theirs, dict):
+        raise UserError(f"--{role} {run_dir}: corrupt {Path(run_dir) / 'metrics.json'}: it records no config")
     for key in ("dataset", "val_fraction", "seed", "limit_train"):
         if theirs.get(key) != getattr(cfg, key):
             raise UserError(f"--{role} {run_dir} trained with {key}={theirs.get(key)!r}, this run has "
@@ -233,8 +231,8 @@ def _saved_run(run_dir: Path, cfg: TrainConfig) -> tuple[dict | None, dict | Non
     """The checkpoint to continue from (None for a new run) and, when the run has finished, its metrics."""
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = record.resume_checkpoint(run_dir, asdict(cfg), cfg.resume)
-    if ckpt is not None and ckpt.get("finished") and (run_dir / "metrics.json").exists():
-        return None, json.loads((run_dir / "metrics.json").read_text())
+    if ckpt is not None and ckpt.get("finished") and (metrics := record.load_metrics(run_dir)) is not None:
+        return None, metrics
     return ckpt, None
 
 
@@ -418,9 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    cfg, args = parse_config(TrainConfig, parser, argv, section=first.section)
+    cfg, args = parse_config(TrainConfig, build_parser(), argv, section="train")
     return run_cli(print_models) if args.list_models else run_cli(_train_cli, cfg)
 
 
