@@ -37,7 +37,7 @@ demo-small:
 	$(MAKE) demo DEMO=configs/demo-small.yaml
 
 # The Lite0 that ships (configs/lite0-ship.yaml): its base stage (full fine-tune at 160 px with EMA, about
-# 29 minutes of training on a 2-core CPU with bf16: AMX/AVX512-BF16), then the same chain as `make demo` on
+# 23-29 minutes of training on a 2-core CPU with bf16: AMX/AVX512-BF16), then the same chain as `make demo` on
 # the shipped stage, which learns the serving path from the base model as its teacher.
 ship: $(STAMP)
 	$(BIN)/python -m training.train --config configs/lite0-ship.yaml --section base --data-dir $(DATA_DIR)

@@ -8,7 +8,6 @@ The machine may be shared, so each configuration runs ``--repeats`` times, inter
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -20,8 +19,9 @@ from pathlib import Path
 import torch
 
 from training.distributed import launch
+from training.record import load_metrics
 from training.train import TrainConfig
-from utils import atomic_write, atomic_write_json, cli
+from utils import UserError, atomic_write, atomic_write_json, cli
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,7 +57,9 @@ def measure(cfg: DistributedBenchConfig, workload: str, nproc: int) -> dict:
     t0 = time.perf_counter()
     launch(train_cfg, nproc)
     wall = time.perf_counter() - t0
-    m = json.loads((Path(cfg.runs_dir) / name / "metrics.json").read_text())
+    m = load_metrics(Path(cfg.runs_dir) / name)
+    if m is None:
+        raise UserError(f"{Path(cfg.runs_dir) / name}: the run finished without a metrics.json")
     return {"metrics": m, "wall_seconds": wall, "load_1min_before": load}
 
 

@@ -139,10 +139,12 @@ def variant_accuracy(predict_fn: Callable[[np.ndarray], np.ndarray], pre: Prepro
 
 def run_config(manifest: dict) -> tuple[dict, Path]:
     """The training config (``metrics.json``) of an export's source run, and that run's folder."""
+    from training.record import load_metrics
+
     tried = []
     for d in (manifest.get("source_run"), Path("runs") / str(manifest.get("run", ""))):
-        if d and (Path(d) / "metrics.json").is_file():
-            metrics = json.loads((Path(d) / "metrics.json").read_text())
+        metrics = load_metrics(d) if d else None
+        if metrics is not None:
             return metrics, Path(d)
         tried.append(str(d))
     raise UserError(f"run {manifest.get('run')!r}: no metrics.json in {' or '.join(tried)}; the validation split "

@@ -23,6 +23,7 @@ from export.exporter import ARTIFACTS
 from export.onnx_export import ExportError
 from loadtest.run import LoadTestConfig
 from service.runtime import ArtifactError
+from training.record import load_metrics
 from training.train import TrainConfig
 from utils import UserError, atomic_write, atomic_write_json, cli, from_mapping, pyplot, save_figure
 
@@ -197,8 +198,7 @@ def collect(study: StudyConfig, export_json: Path | None, loadtest_json: Path | 
     lt = json.loads(loadtest_json.read_text())["rows"] if loadtest_json and loadtest_json.is_file() else []
     out = []
     for e in study.experiments:
-        mfile = Path(study.runs_dir) / e.name / "metrics.json"
-        m = json.loads(mfile.read_text()) if mfile.is_file() else {}
+        m = load_metrics(Path(study.runs_dir) / e.name) or {}
         formats = [r for r in exports if r.get("run") == e.name]
         out.append({
             "experiment": e.name, "speed_only": e.speed_only, "model": e.train.model, "weights": m.get("weights"),

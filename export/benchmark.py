@@ -178,9 +178,10 @@ def _openvino_runners(artifact_dir: Path, manifest: dict, formats: list[str], th
 def _test_set(manifest: dict) -> tuple[np.ndarray, np.ndarray] | None:
     """The run's test images (uint8 NHWC) and labels, or None where the data set is not here."""
     from training.data import load_dataset
+    from training.record import load_metrics
 
     try:
-        data_dir = json.loads((Path(manifest["source_run"]) / "metrics.json").read_text())["config"]["data_dir"]
+        data_dir = load_metrics(manifest["source_run"])["config"]["data_dir"]
         data = load_dataset(manifest["dataset"], data_dir, download=False)
     except Exception:
         return None

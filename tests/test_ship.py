@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.ship import comparison_config, row, stages
+from benchmarks.ship import comparison_config, curve, fraction_config, row, stages, to_markdown
 from export.exporter import ExportConfig
 from loadtest.run import LoadTestConfig
 from service.config import load_config
@@ -37,6 +37,28 @@ def test_row_reports_the_epoch_selected_on_validation_loss():
     r = row(metrics, manifest)
     assert (r["best_epoch"], r["val_accuracy"], r["val_loss"]) == (2, 0.85, 0.4)
     assert r["epochs"] == 3 and r["int8_delta"] == -0.01
+
+
+def test_learning_curve_runs_keep_the_steps_and_report_their_gaps():
+    shipped = TrainConfig(name="ship", epochs=8, teacher="runs/base", init_from="runs/base")
+    quarter = fraction_config(shipped, 0.25)
+    assert (quarter.run_name, quarter.epochs, quarter.train_fraction) == ("ship-frac25", 32, 0.25)
+    assert replace(quarter, name="ship", epochs=8, train_fraction=1.0) == shipped  # nothing else changes
+    rows = [{"run": n, "num_train": k, "epochs": e, "augment": ["jpeg"], "serving_aug_p": 0.8, "teacher": None,
+             "init_from": None, "jpeg_quality": [50, 95], "train_fraction": f, "input_size": 160, "best_epoch": 1,
+             "val_accuracy": 0.9, "test_accuracy": 0.9, "onnx_fp32_accuracy": 0.9, "int8_accuracy": None,
+             "train_seconds": 1.0, "device": "cpu", "num_val": 10, "num_test": 10}
+            for n, k, e, f in (("ship", 400, 8, 1.0), ("ship-frac25", 100, 32, 0.25), ("other", 400, 8, 1.0))]
+    rob = [{"run": n, "format": "fp32", "split": sp, "variant": v, "accuracy": 0.9 + d, "delta_vs_png32": d}
+           for n, gap in (("ship", -0.05), ("ship-frac25", -0.08), ("other", -0.5))
+           for sp in ("val", "test") for v, d in (("png32", 0.0), ("jpeg32_q75", gap), ("jpeg256_q90", gap / 2))]
+    points = curve(rows, rob, "ship")
+    assert [(p["split"], p["num_train"]) for p in points] == [("val", 100), ("val", 400), ("test", 100),
+                                                              ("test", 400)]
+    assert points[0]["jpeg32_q75"] == -0.08 and points[1]["jpeg256_q90"] == -0.025
+    md = to_markdown(rows, rob, "ship")
+    assert "| val | 100 | 32 | 90.00 | -8.00 | -4.00 |" in md and "25% of the images" in md
+    assert curve(rows[2:], rob, "ship") == []  # no curve without the shipped stage and a fraction of it
 
 
 @pytest.mark.parametrize("name", ["demo", "demo-small", "lite0-ship"])

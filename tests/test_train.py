@@ -135,6 +135,15 @@ def test_cache_refused_with_augmentation(tmp_path, synthetic_dir):
         train(cfg_for(tmp_path, synthetic_dir, cache_features="on", augment="crop"))
 
 
+def test_train_fraction_subsamples_each_class_and_keeps_the_validation_split(finished_run, tmp_path, synthetic_dir):
+    whole = finished_run[1]
+    half = train(cfg_for(tmp_path, synthetic_dir, name="half", train_fraction=0.5, cache_features="on", epochs=1))
+    assert half["num_val"] == whole["num_val"] and half["num_test"] == whole["num_test"]
+    assert abs(half["num_train"] - whole["num_train"] / 2) <= 10  # per class, rounded: 10 classes
+    with pytest.raises(UserError, match="--train-fraction"):
+        train(cfg_for(tmp_path, synthetic_dir, name="none", train_fraction=0.0))
+
+
 def test_last_n_with_augmentation_trains(tmp_path, synthetic_dir):
     m = train(cfg_for(tmp_path, synthetic_dir, strategy="last-5", epochs=1, augment="crop,flip", lr=1e-3,
                       limit_train=128, limit_test=40, name="lastn"))

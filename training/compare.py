@@ -6,11 +6,11 @@ recall and F1) and ``<out>.png`` (test accuracy and training time per run).
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.record import load_metrics
 from utils import UserError, atomic_write, cli, pyplot, save_figure
 
 
@@ -18,14 +18,10 @@ def load_runs(paths: list[str]) -> list[dict]:
     runs = []
     for p in paths:
         path = Path(p)
-        f = path / "metrics.json" if path.is_dir() else path
-        if not f.is_file():
+        m = load_metrics(path)
+        if m is None:
             print(f"skipping {p}: no metrics.json (unfinished run?)", file=sys.stderr)
             continue
-        try:
-            m = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"corrupt metrics file {f}: {e}") from e
         m.setdefault("run", path.name)
         runs.append(m)
     if not runs:

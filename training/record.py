@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 # settings a resumed run must share with the run it continues
 RESUME_KEYS = ("model", "dataset", "strategy", "head", "weights", "input_size", "seed", "val_fraction", "augment",
-               "serving_aug_p", "jpeg_quality", "feature_copies", "init_from", "teacher", "distill_weight",
-               "distill_temperature")
+               "serving_aug_p", "jpeg_quality", "train_fraction", "feature_copies", "init_from", "teacher",
+               "distill_weight", "distill_temperature")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -59,8 +59,10 @@ def resume_checkpoint(run_dir: Path, config: dict, resume: bool) -> dict | None:
 
 
 def load_metrics(run_dir: str | Path) -> dict | None:
-    """A run's ``metrics.json``, or None when it has none; a corrupt one is a :class:`UserError`."""
-    path = Path(run_dir) / "metrics.json"
+    """A run's ``metrics.json`` (``run_dir`` is its folder, or the file itself), or None when it has none; a
+    corrupt one is a :class:`UserError`."""
+    path = Path(run_dir)
+    path = path if path.suffix == ".json" else path / "metrics.json"
     if not path.is_file():
         return None
     try:

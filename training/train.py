@@ -114,6 +114,9 @@ class TrainConfig:
                 "0: off"})
     limit_train: int | None = field(default=None, metadata={"help": "use only the first N training images"})
     limit_test: int | None = field(default=None, metadata={"help": "use only the first N test images"})
+    train_fraction: float = field(default=1.0, metadata={
+        "help": "train on this fraction of each class's training images, drawn after the validation split, which "
+                "stays whole: a learning curve's points are compared on the same validation images"})
     name: str | None = field(default=None, metadata={"help": "run folder name (default: model-dataset-strategy)"})
     runs_dir: str = field(default="runs", metadata={"help": "folder of the run folders"})
     resume: bool = field(default=False, metadata={"help": "continue the run in runs/<name>/ (no-op when finished)"})
@@ -134,6 +137,8 @@ class TrainConfig:
         if not 0.0 <= self.serving_aug_p <= 1.0:
             raise UserError(f"--serving-aug-p must be in [0, 1], got {self.serving_aug_p}")
         check_jpeg_quality(self.jpeg_quality)
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise UserError(f"--train-fraction must be in (0, 1], got {self.train_fraction}")
         if self.feature_copies < 0 or (self.feature_copies and not self.resolved_augment()):
             raise UserError("--feature-copies needs --augment (copies of what?) and must be 0 or more")
         if not 0.0 <= self.distill_weight <= 1.0 or self.distill_temperature <= 0:
@@ -286,6 +291,9 @@ def _train(cfg: TrainConfig, device: torch.device) -> dict:
         model.to(memory_format=torch.channels_last)
     spec = get_spec(cfg.model)
     tr, va = stratified_split(data.train_y, cfg.val_fraction, cfg.seed)
+    if cfg.train_fraction < 1.0:
+        tr = tr[stratified_split(data.train_y[tr], 1.0 - cfg.train_fraction, cfg.seed)[0]]
+        print(f"--train-fraction {cfg.train_fraction}: {len(tr)} training images")
     sets = {"train": ImageArrayDataset(data.train_x[tr], data.train_y[tr], spec.mean, spec.std,
                                        cfg.resolved_augment(), cfg.serving_aug_p, paired=bool(cfg.teacher),
                                        jpeg_quality=tuple(cfg.jpeg_quality)),
