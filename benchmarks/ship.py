@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -194,7 +193,9 @@ def curve(rows: list[dict], robustness_rows: list[dict], shipped: str | None) ->
                 points.append({"run": r["run"], "split": split, "num_train": r["num_train"], "epochs": r["epochs"],
                                "png32": ref["accuracy"], **{v: by[(r["run"], split, v)]["delta_vs_png32"]
                                                             for v in robustness.TARGETS if (r["run"], split, v) in by}})
-    return sorted(points, key=lambda p: (p["split"] != "val", p["num_train"])) if len(points) > 2 else []
+    if not any(p["run"] != shipped for p in points):
+        return []  # the shipped stage alone is no curve
+    return sorted(points, key=lambda p: (p["split"] != "val", p["num_train"]))
 
 
 def plot(rows: list[dict], path: Path, points: list[dict] | None = None) -> None:
@@ -238,9 +239,10 @@ def run(cfg: ShipBenchConfig) -> list[dict]:
         metrics = train(t)
         out = Path(export["out"]).parent / t.run_name
         curve_only = {} if t.train_fraction == 1.0 else {"formats": ["fp32"]}  # the curve reads FP32 alone
-        run_export(from_mapping(ExportConfig, {**export, **curve_only, "run_dir": str(Path(t.runs_dir) / t.run_name),
-                                               "out": str(out), "data_dir": cfg.data_dir}, cfg.recipe))
-        rows.append(row(metrics, json.loads((out / "manifest.json").read_text())))
+        manifest = run_export(from_mapping(ExportConfig, {
+            **export, **curve_only, "run_dir": str(Path(t.runs_dir) / t.run_name), "out": str(out),
+            "data_dir": cfg.data_dir}, cfg.recipe))
+        rows.append(row(metrics, manifest))
         artifacts.append(str(out))
     artifacts += [a for a in cfg.extra_artifacts if (Path(a) / "manifest.json").is_file()]
     rob = []
